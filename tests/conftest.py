@@ -1,0 +1,58 @@
+"""Test set-up: offline, state in temporary folders, no network except 127.0.0.1, tiny models in fixtures."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="decapflow-prefect-"))
+os.environ.setdefault("DECAPFLOW_DEVICE", "cpu")
+os.environ.pop("PREFECT_API_URL", None)
+
+_LOCAL = ("127.0.0.1", "::1", "localhost")
+_connect = socket.socket.connect
+
+
+def _guarded_connect(self: socket.socket, address: object) -> object:
+    host = address[0] if isinstance(address, tuple) else address
+    if self.family in (socket.AF_INET, socket.AF_INET6) and host not in _LOCAL:
+        raise OSError(f"tests may not reach the network (tried {address!r})")
+    return _connect(self, address)
+
+
+socket.socket.connect = _guarded_connect  # type: ignore[method-assign]
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(autouse=True)
+def decapflow_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own empty DECAPFLOW_HOME."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("DECAPFLOW_HOME", str(home))
+    monkeypatch.delenv("DECAPFLOW_STORE", raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An open_clip model config: 1 layer, 32 wide, the real CLIP BPE vocabulary."""
+    path = tmp_path_factory.mktemp("clip") / "tiny-clip.json"
+    path.write_text(json.dumps(TINY_CLIP))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_spec(tiny_clip_config: Path) -> str:
+    """Encoder spec of the tiny CLIP with deterministic random weights."""
+    return f"{tiny_clip_config}:random"
