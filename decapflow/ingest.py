@@ -1,0 +1,153 @@
+"""Ingest: corpus file -> clean distinct sentences -> CLIP text embeddings -> memory bank, in committed chunks.
+
+Three stages, each a plain function, so an orchestrator (``flows/ingest.py``) can run them as tasks:
+
+    read_chunks (stream, dedupe, skip what the bank holds) -> embed_chunk (encoder) -> write_chunk (one commit)
+
+``run_ingest`` drives them. A chunk is written in one LanceDB commit, so killing an ingest loses at most the chunk
+in flight, and running the same command again embeds and writes only what is missing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from decapflow.corpus import CorpusStats, Sentence, batched, read_sentences
+from decapflow.encoders import DEFAULT_ENCODER, Encoder, load_encoder
+from decapflow.memory import MemoryBank, Registry, check_name
+
+DEFAULT_CHUNK = 4096
+
+
+@dataclass
+class IngestReport:
+    """What one ingest did. ``read`` = every record in the file; the rest say where each one went."""
+
+    bank: str
+    encoder: str
+    source: str
+    corpus: dict[str, Any] = field(default_factory=dict)
+    truncated: int = 0
+    written: int = 0
+    chunks: int = 0
+    version: int = 0
+    rows: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        c = self.corpus
+        rate = self.written / self.seconds if self.seconds else 0.0
+        return (
+            f"bank {self.bank!r}: read {c.get('read', 0)}, empty {c.get('empty', 0)}, "
+            f"duplicates {c.get('duplicates', 0)}, already stored {c.get('already_stored', 0)}, "
+            f"invalid {c.get('invalid', 0)}, invalid UTF-8 {c.get('invalid_utf8', 0)}, "
+            f"truncated {self.truncated}, written {self.written} in {self.seconds:.1f} s ({rate:.0f} sentences/s); "
+            f"bank now {self.rows} rows, version {self.version}"
+        )
+
+
+def bank_name_for(path: Path, memory: str | None) -> str:
+    """The bank a corpus goes to: ``memory`` if given, else the file's stem without format suffixes."""
+    if memory:
+        return check_name(memory)
+    name = Path(path).name
+    for suffix in (".gz", ".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet"):
+        name = name.removesuffix(suffix)
+    return check_name(name.replace(".", "-"))
+
+
+def open_bank(memory: str, encoder: str | None, store: str | None, device: str | None = None
+              ) -> tuple[MemoryBank, Encoder]:
+    """Open (or create) bank ``memory`` and load its encoder. An existing bank's own encoder is the default;
+    naming another one is an error rather than a silently mixed bank."""
+    registry = Registry(store)
+    if registry.exists(memory):
+        bank = registry.open(memory)
+        bank.check_encoder(encoder or bank.encoder)  # before loading anything
+        enc = load_encoder(bank.encoder, device)
+        bank.check_encoder(enc.spec.raw, enc.dim)
+        return bank, enc
+    enc = load_encoder(encoder or DEFAULT_ENCODER, device)
+    return registry.create(memory, enc.spec.raw, enc.dim), enc
+
+
+def read_chunks(path: Path, known: set[str], stats: CorpusStats, chunk_size: int = DEFAULT_CHUNK,
+                fmt: str | None = None, field: str | None = None, errors: str = "replace"
+                ) -> Iterator[list[Sentence]]:
+    """Stream the corpus as chunks of new, distinct sentences (``known`` hashes are skipped and counted)."""
+    yield from batched(read_sentences(path, fmt=fmt, field=field, errors=errors, known=known, stats=stats), chunk_size)
+
+
+def embed_chunk(encoder: Encoder, sentences: list[Sentence], batch_size: int = 256) -> tuple[np.ndarray, int]:
+    """[n] sentences -> ([n, dim] unit float32 vectors, how many were cut to the encoder's context)."""
+    ids, truncated = encoder.tokenize([s.text for s in sentences])
+    return encoder.encode_tokens(ids, batch_size), truncated
+
+
+def write_chunk(bank: MemoryBank, sentences: list[Sentence], vectors: np.ndarray, added_at: datetime) -> int:
+    """Append one chunk to the bank in a single commit."""
+    return bank.add([s.hash for s in sentences], [s.text for s in sentences], vectors,
+                    source=sentences[0].source if sentences else "", added_at=added_at)
+
+
+def run_ingest(
+    path: Path,
+    memory: str | None = None,
+    encoder: str | None = None,
+    store: str | None = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+    batch_size: int = 256,
+    fmt: str | None = None,
+    field: str | None = None,
+    errors: str = "replace",
+    device: str | None = None,
+    progress: bool = False,
+    embed: Callable[..., tuple[np.ndarray, int]] = embed_chunk,
+    write: Callable[..., int] = write_chunk,
+) -> IngestReport:
+    """Ingest ``path`` into bank ``memory``. ``embed``/``write`` may be replaced by orchestrated versions of
+    :func:`embed_chunk` / :func:`write_chunk` (same signatures)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus {str(path)!r} does not exist")
+    start = time.perf_counter()
+    name = bank_name_for(path, memory)
+    bank, enc = open_bank(name, encoder, store, device)
+    report = IngestReport(bank=name, encoder=bank.encoder, source=path.name)
+    stats = CorpusStats()
+    added_at = datetime.now(timezone.utc)
+    bar = _progress_bar(progress, name)
+    try:
+        for chunk in read_chunks(path, bank.hashes(), stats, chunk_size, fmt, field, errors):
+            vectors, truncated = embed(enc, chunk, batch_size)
+            report.written += write(bank, chunk, vectors, added_at)
+            report.truncated += truncated
+            report.chunks += 1
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+    report.corpus = stats.to_dict()
+    report.version, report.rows = bank.version, len(bank)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _progress_bar(enabled: bool, name: str) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc=f"ingest {name}", unit=" sentences", unit_scale=True, dynamic_ncols=True)

@@ -1,0 +1,270 @@
+"""Memory banks: named, versioned tables of sentences and their CLIP text embeddings in one LanceDB database.
+
+One LanceDB table per bank, one row per distinct sentence:
+
+    hash (content hash, the row's identity) | text | vector (float32[dim], unit) | source (file name) | added_at
+
+Vectors are stored as float32: they are the decoder's training prefixes (kept exact), LanceDB's vector indexes
+work on float32, and on CPUs half-precision arithmetic is 10-100x slower (measured), so a float16 copy would have
+to be converted back on every use. The cost is 2 KB/row at 512 dimensions (1M sentences: 2 GB).
+
+The encoder spec and vector size live in the table's schema metadata, so a bank refuses vectors of another encoder.
+Each write is one LanceDB commit (a version): a killed ingest leaves whole chunks, and re-running it skips the
+sentences already stored (by content hash). Writers are assumed one at a time per bank.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from decapflow.config import cache_dir, store_uri
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+META_ENCODER = b"decapflow.encoder"
+META_DIM = b"decapflow.dim"
+META_ID = b"decapflow.bank_id"
+META_CREATED = b"decapflow.created"
+
+
+class BankError(ValueError):
+    """A memory-bank operation cannot be done as asked (bad name, missing bank, encoder mismatch...)."""
+
+
+def check_name(name: str) -> str:
+    """Bank names: 1-64 letters, digits, '-' or '_' (they become table and folder names)."""
+    if not _NAME.match(name or ""):
+        raise BankError(f"invalid bank name {name!r}: use 1-64 letters, digits, '-' or '_'")
+    return name
+
+
+def bank_schema(dim: int, encoder: str) -> pa.Schema:
+    metadata = {
+        META_ENCODER: encoder.encode(),
+        META_DIM: str(dim).encode(),
+        META_ID: uuid.uuid4().hex.encode(),
+        META_CREATED: datetime.now(timezone.utc).isoformat(timespec="seconds").encode(),
+    }
+    return pa.schema(
+        [
+            pa.field("hash", pa.string(), nullable=False),
+            pa.field("text", pa.string(), nullable=False),
+            pa.field("vector", pa.list_(pa.float32(), dim), nullable=False),
+            pa.field("source", pa.string()),
+            pa.field("added_at", pa.timestamp("us", tz="UTC")),
+        ],
+        metadata=metadata,
+    )
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    text: str
+    score: float  # cosine similarity
+    row: int
+
+
+class MemoryBank:
+    """One bank: a LanceDB table plus what its metadata says (encoder spec, dimension)."""
+
+    def __init__(self, name: str, table: Any) -> None:
+        self.name = name
+        self.table = table
+        meta = table.schema.metadata or {}
+        if META_ENCODER not in meta:
+            raise BankError(f"table {name!r} is not a decapflow memory bank (no encoder in its metadata)")
+        self.encoder: str = meta[META_ENCODER].decode()
+        self.dim: int = int(meta[META_DIM])
+        self.bank_id: str = meta.get(META_ID, b"").decode()
+        self.created: str = meta.get(META_CREATED, b"").decode()
+
+    # ------------------------------------------------------------ reading
+    @property
+    def version(self) -> int:
+        return int(self.table.version)
+
+    def __len__(self) -> int:
+        return int(self.table.count_rows())
+
+    def hashes(self) -> set[str]:
+        """Content hashes of every stored sentence (one column read: ~0.1 s per million rows)."""
+        column = self.table.search().select(["hash"]).limit(None).to_arrow().column("hash")
+        return set(column.to_pylist())
+
+    def check_encoder(self, encoder: str, dim: int | None = None) -> None:
+        """Refuse vectors from another encoder than the one the bank was built with."""
+        if encoder != self.encoder or (dim is not None and dim != self.dim):
+            raise BankError(
+                f"bank {self.name!r} holds embeddings of encoder {self.encoder!r} ({self.dim}-d); "
+                f"got {encoder!r}{f' ({dim}-d)' if dim is not None else ''}. Use that encoder, or another bank"
+            )
+
+    def versions(self) -> list[dict[str, Any]]:
+        """LanceDB versions of this bank: version number, time, and rows at that version."""
+        return [
+            {
+                "version": int(v["version"]),
+                "time": v["timestamp"].isoformat(timespec="seconds"),
+                "rows": int(v["metadata"].get("total_rows", 0)),
+            }
+            for v in self.table.list_versions()
+        ]
+
+    def ingests(self) -> list[dict[str, Any]]:
+        """One entry per ingest run (rows share its start time and source): when, from which file, how many."""
+        cols = self.table.search().select(["source", "added_at"]).limit(None).to_arrow()
+        if cols.num_rows == 0:
+            return []
+        grouped = cols.group_by(["added_at", "source"]).aggregate([([], "count_all")]).sort_by("added_at")
+        return [
+            {"time": row["added_at"].isoformat(timespec="seconds"), "source": row["source"], "rows": row["count_all"]}
+            for row in grouped.to_pylist()
+        ]
+
+    def size_bytes(self) -> int | None:
+        """Bytes on disk of the current version's data files (None when LanceDB does not say)."""
+        last = self.table.list_versions()[-1]["metadata"]
+        return int(last["total_files_size"]) if "total_files_size" in last else None
+
+    def describe(self) -> dict[str, Any]:
+        versions = self.versions()
+        return {
+            "name": self.name,
+            "rows": len(self),
+            "encoder": self.encoder,
+            "dim": self.dim,
+            "version": self.version,
+            "size_bytes": self.size_bytes(),
+            "created": self.created,
+            "updated": versions[-1]["time"] if versions else self.created,
+            "versions": versions,
+            "ingests": self.ingests(),
+        }
+
+    def arrays(self) -> tuple[list[str], np.ndarray]:
+        """All texts and their [N, dim] float32 vectors at the current version, in row order."""
+        table = self.table.search().select(["text", "vector"]).limit(None).to_arrow()
+        vectors = table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return table.column("text").to_pylist(), vectors.reshape(-1, self.dim).astype(np.float32, copy=False)
+
+    def vector_cache(self) -> tuple[np.memmap, pa.Array]:
+        """A fast local copy of this version's vectors (memory-mapped .npy) and texts (memory-mapped Arrow file).
+
+        Reading a million vectors back out of LanceDB takes seconds; the copy is written once per bank version
+        under ``<home>/cache`` and reused until the bank changes."""
+        folder = cache_dir() / "banks" / f"{self.name}-{self.bank_id}" / f"v{self.version}"
+        vec_path, text_path = folder / "vectors.npy", folder / "texts.arrow"
+        if not (vec_path.exists() and text_path.exists()):
+            folder.mkdir(parents=True, exist_ok=True)
+            texts, vectors = self.arrays()
+            tmp = folder / f".tmp-{uuid.uuid4().hex}"
+            np.save(f"{tmp}.npy", vectors)
+            with pa.OSFile(f"{tmp}.arrow", "wb") as sink, pa.ipc.new_file(sink, pa.schema([("text", pa.string())])) as w:
+                w.write_table(pa.table({"text": texts}))
+            Path(f"{tmp}.npy").replace(vec_path)
+            Path(f"{tmp}.arrow").replace(text_path)
+        vectors = np.load(vec_path, mmap_mode="r")
+        texts = pa.ipc.open_file(pa.memory_map(str(text_path))).read_all().column("text")
+        return vectors, texts
+
+    def search(self, query: np.ndarray, k: int = 10) -> list[SearchHit]:
+        """The k stored sentences nearest (cosine) to a unit query vector [dim]."""
+        vectors, texts = self.vector_cache()
+        if len(vectors) == 0:
+            return []
+        scores = np.asarray(vectors @ query.astype(np.float32))
+        k = min(k, len(scores))
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.argsort(-scores[top])]
+        return [SearchHit(texts[int(i)].as_py(), float(scores[i]), int(i)) for i in top]
+
+    # ------------------------------------------------------------ writing
+    def add(self, hashes: Sequence[str], texts: Sequence[str], vectors: np.ndarray, source: str,
+            added_at: datetime) -> int:
+        """Append rows in one commit (one LanceDB version). Returns rows written."""
+        if len(hashes) == 0:
+            return 0
+        if vectors.shape != (len(hashes), self.dim):
+            raise BankError(f"expected vectors of shape ({len(hashes)}, {self.dim}), got {vectors.shape}")
+        flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
+        batch = pa.table(
+            {
+                "hash": pa.array(hashes, pa.string()),
+                "text": pa.array(texts, pa.string()),
+                "vector": pa.FixedSizeListArray.from_arrays(flat, self.dim),
+                "source": pa.array([source] * len(hashes), pa.string()),
+                "added_at": pa.array([added_at] * len(hashes), pa.timestamp("us", tz="UTC")),
+            },
+            schema=self.table.schema,
+        )
+        self.table.add(batch)
+        return len(hashes)
+
+    def export(self, path: Path) -> int:
+        """Write text, hash, source (and vectors for .parquet) to ``.jsonl``, ``.txt`` or ``.parquet``."""
+        path = Path(path)
+        columns = ["hash", "text", "source", "added_at"] + (["vector"] if path.suffix == ".parquet" else [])
+        table = self.table.search().select(columns).limit(None).to_arrow()
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            pq.write_table(table, path)
+        elif path.suffix == ".txt":
+            path.write_text("".join(t + "\n" for t in table.column("text").to_pylist()), encoding="utf-8")
+        elif path.suffix == ".jsonl":
+            import json
+
+            with path.open("w", encoding="utf-8") as out:
+                for row in table.drop_columns(["added_at"]).to_pylist():
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        else:
+            raise BankError(f"cannot export to {path.name!r}: use .jsonl, .txt or .parquet")
+        return table.num_rows
+
+
+class Registry:
+    """The memory banks of one LanceDB database (default: ``<DECAPFLOW_HOME>/banks``)."""
+
+    def __init__(self, uri: str | None = None) -> None:
+        import lancedb
+
+        self.uri = store_uri(uri)
+        self.db = lancedb.connect(self.uri)
+
+    def names(self) -> list[str]:
+        return sorted(self.db.list_tables().tables)
+
+    def exists(self, name: str) -> bool:
+        return check_name(name) in self.names()
+
+    def open(self, name: str) -> MemoryBank:
+        if not self.exists(name):
+            known = ", ".join(self.names()) or "none yet"
+            raise BankError(f"no memory bank named {name!r} in {self.uri} (banks: {known}); "
+                            f"create one with: decapflow ingest CORPUS --memory {name}")
+        return MemoryBank(name, self.db.open_table(name))
+
+    def create(self, name: str, encoder: str, dim: int) -> MemoryBank:
+        if self.exists(name):
+            raise BankError(f"memory bank {name!r} already exists")
+        return MemoryBank(name, self.db.create_table(name, schema=bank_schema(dim, encoder)))
+
+    def open_or_create(self, name: str, encoder: str, dim: int) -> MemoryBank:
+        """Open ``name`` (checking it was built with ``encoder``) or create it empty."""
+        if self.exists(name):
+            bank = self.open(name)
+            bank.check_encoder(encoder, dim)
+            return bank
+        return self.create(name, encoder, dim)
+
+    def delete(self, name: str) -> None:
+        self.open(name)  # raises a clear error when it does not exist
+        self.db.drop_table(name)

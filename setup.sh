@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up decapflow in ./.venv (Python >= 3.10). Offline-safe where pip finds torch locally.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+[[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+# torchvision must match torch exactly; installing both first keeps pip from mixing builds.
+.venv/bin/python -m pip install --quiet "torch>=2.1,<=2.14.1" "torchvision<=0.29.1"
+.venv/bin/python -m pip install --quiet -e ".[dev]"
+echo "decapflow installed in $(pwd)/.venv: try  .venv/bin/decapflow --help"

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from decapflow.memory import BankError, Registry, check_name
+
+
+def unit(rows: int, dim: int, seed: int = 0) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def add(bank, texts: list[str], vectors: np.ndarray) -> int:
+    return bank.add([f"h{t}" for t in texts], texts, vectors, source="test.txt",
+                    added_at=datetime.now(timezone.utc))
+
+
+def test_names_are_checked() -> None:
+    for good in ("coco", "my-bank_2", "A" * 64):
+        assert check_name(good) == good
+    for bad in ("", "a b", "../x", "bank.v1", "é", "A" * 65):
+        with pytest.raises(BankError):
+            check_name(bad)
+
+
+def test_create_add_describe_and_versions(decapflow_home: Path) -> None:
+    registry = Registry()
+    assert registry.uri == str(decapflow_home / "banks") and registry.names() == []
+    bank = registry.create("demo", "tiny.json:random", 8)
+    assert add(bank, ["a cat", "a dog"], unit(2, 8)) == 2
+    assert add(bank, ["a bird"], unit(1, 8, 1)) == 1
+    info = Registry().open("demo").describe()
+    assert (info["name"], info["rows"], info["encoder"], info["dim"]) == ("demo", 3, "tiny.json:random", 8)
+    assert [v["rows"] for v in info["versions"]] == [0, 2, 3]
+    assert info["version"] == 3 and info["size_bytes"] > 0
+    assert info["ingests"][0]["source"] == "test.txt"
+    assert sum(i["rows"] for i in info["ingests"]) == 3
+    assert bank.hashes() == {"ha cat", "ha dog", "ha bird"}
+    json.dumps(info)  # serialisable as is
+
+
+def test_encoder_mismatch_is_refused() -> None:
+    registry = Registry()
+    registry.create("b", "ViT-B-32:openai", 512)
+    with pytest.raises(BankError, match="ViT-B-32:openai"):
+        registry.open_or_create("b", "ViT-L-14:openai", 768)
+    with pytest.raises(BankError, match="expected vectors"):
+        add(registry.open("b"), ["x"], unit(1, 8))
+    with pytest.raises(BankError, match="already exists"):
+        registry.create("b", "ViT-B-32:openai", 512)
+
+
+def test_missing_bank_error_lists_banks() -> None:
+    registry = Registry()
+    registry.create("alpha", "e", 4)
+    with pytest.raises(BankError, match="alpha") as err:
+        registry.open("beta")
+    assert "decapflow ingest" in str(err.value)
+
+
+def test_search_and_vector_cache(decapflow_home: Path) -> None:
+    bank = Registry().create("s", "e", 16)
+    vectors = unit(50, 16)
+    add(bank, [f"s{i}" for i in range(50)], vectors)
+    hits = bank.search(vectors[7], k=3)
+    assert hits[0].text == "s7" and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert hits[0].score >= hits[1].score >= hits[2].score
+    cached, texts = bank.vector_cache()
+    np.testing.assert_array_equal(cached, vectors)
+    assert texts[7].as_py() == "s7"
+    add(bank, ["new"], unit(1, 16, 5))  # a new version gets a new cache
+    cached, texts = bank.vector_cache()
+    assert len(cached) == 51 and texts[50].as_py() == "new"
+
+
+def test_export_and_delete(tmp_path: Path) -> None:
+    registry = Registry()
+    bank = registry.create("e", "enc", 4)
+    add(bank, ["one", "two"], unit(2, 4))
+    assert bank.export(tmp_path / "out.txt") == 2
+    assert (tmp_path / "out.txt").read_text() == "one\ntwo\n"
+    bank.export(tmp_path / "out.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert rows[0]["text"] == "one" and rows[0]["hash"] == "hone"
+    import pyarrow.parquet as pq
+
+    bank.export(tmp_path / "out.parquet")
+    assert pq.read_table(tmp_path / "out.parquet").num_rows == 2
+    with pytest.raises(BankError):
+        bank.export(tmp_path / "out.xlsx")
+    registry.delete("e")
+    assert registry.names() == []
+    with pytest.raises(BankError):
+        registry.delete("e")
