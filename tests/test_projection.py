@@ -1,0 +1,168 @@
+"""The projection strategies against their dense, obviously-correct formulas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from decapflow.projection import (
+    STRATEGIES,
+    Projection,
+    _blas_threads,
+    _openblas_thread_api,
+    gather_neighbors,
+    identity,
+    nearest,
+    project,
+    project_subset,
+)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture
+def bank() -> np.ndarray:
+    """[300, 32] clustered unit rows (8 centres), like caption embeddings."""
+    rng = np.random.default_rng(0)
+    centres = unit(rng.standard_normal((8, 32)))
+    return unit(centres[rng.integers(0, 8, 300)] + 0.3 * rng.standard_normal((300, 32)))
+
+
+@pytest.fixture
+def queries() -> np.ndarray:
+    return unit(np.random.default_rng(1).standard_normal((5, 32)))
+
+
+def dense(V: np.ndarray, M: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:
+    """float64 reference: (normalize(softmax(V M^T / tau) M) [B, D], weights [B, N])."""
+    weights = torch.softmax(torch.from_numpy(V).double() @ torch.from_numpy(M).double().T / tau, dim=1)
+    out = weights @ torch.from_numpy(M).double()
+    return (out / out.norm(dim=1, keepdim=True)).numpy(), weights.numpy()
+
+
+def test_strategies_and_result_type(queries, bank):
+    assert STRATEGIES == ("pd", "topk", "nnd", "vd", "clipre")
+    result = project(queries, bank)
+    assert isinstance(result, Projection)
+    assert result.vectors.shape == (5, 32) and result.vectors.dtype == np.float32
+    assert result.support_ids.shape == (5, 5) and result.support_ids.dtype == np.int64
+    np.testing.assert_allclose(np.linalg.norm(result.vectors, axis=1), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 100, 299, 300, 1000, None])
+@pytest.mark.parametrize("tau", [0.1, 0.01])
+def test_project_equals_dense_for_any_chunking(queries, bank, chunk_rows, tau):
+    expected, _ = dense(queries, bank, tau)
+    np.testing.assert_allclose(project(queries, bank, tau, chunk_rows=chunk_rows).vectors, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(("tau", "atol"), [(1e-3, 1e-5), (1e-4, 1e-4)])
+def test_tiny_tau_is_stable(queries, bank, tau, atol):
+    """No overflow however sharp the softmax; at tau = 1e-4 float32 scores (error ~1e-7, times 1/tau) limit
+    the agreement with a float64 reference to ~1e-4, whatever the implementation."""
+    result = project(queries, bank, tau, chunk_rows=37)
+    assert np.isfinite(result.vectors).all() and np.isfinite(result.support_weights).all()
+    expected, _ = dense(queries, bank, tau)
+    np.testing.assert_allclose(result.vectors, expected, atol=atol)
+    ids, _ = nearest(queries, bank, k=1)
+    np.testing.assert_array_equal(result.support_ids[:, 0], ids[:, 0])  # the heaviest row is the nearest
+
+
+def test_single_query_vector(queries, bank):
+    one = project(queries[0], bank, chunk_rows=50)
+    np.testing.assert_allclose(one.vectors, project(queries[:1], bank).vectors, atol=1e-6)
+    assert one.vectors.shape == (1, 32)
+
+
+def test_support_rows_are_the_heaviest_rows(queries, bank):
+    result = project(queries, bank, 0.05, chunk_rows=23, n_support=6)
+    _, weights = dense(queries, bank, 0.05)
+    expected_ids = np.argsort(-weights, axis=1)[:, :6]
+    np.testing.assert_array_equal(result.support_ids, expected_ids)
+    np.testing.assert_allclose(result.support_weights, np.take_along_axis(weights, expected_ids, 1), atol=1e-6)
+    assert (np.diff(result.support_weights, axis=1) <= 0).all()
+
+
+def test_more_support_than_rows_is_padded(queries, bank):
+    result = project(queries, bank[:3], n_support=5)
+    assert (result.support_ids[:, 3:] == -1).all() and (result.support_weights[:, 3:] == 0).all()
+    np.testing.assert_allclose(result.support_weights.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_memmap_and_float16_and_torch_inputs(tmp_path, queries, bank):
+    path = tmp_path / "bank.npy"
+    np.save(path, bank)
+    mapped = np.load(path, mmap_mode="r")  # read-only memmap
+    reference = project(queries, bank, chunk_rows=64)
+    np.testing.assert_allclose(project(queries, mapped, chunk_rows=64).vectors, reference.vectors, atol=1e-6)
+    half = bank.astype(np.float16)
+    expected, _ = dense(queries, half.astype(np.float32), 0.01)
+    np.testing.assert_allclose(project(queries, half, chunk_rows=64).vectors, expected, atol=1e-5)
+    from_torch = project(torch.from_numpy(queries), torch.from_numpy(bank), chunk_rows=64)
+    np.testing.assert_allclose(from_torch.vectors, reference.vectors, atol=1e-6)
+
+
+def test_project_subset_with_all_rows_equals_project(queries, bank):
+    full = project(queries, bank, 0.02)
+    rng = np.random.default_rng(2)
+    ids = np.stack([rng.permutation(len(bank)) for _ in range(len(queries))])  # every row, shuffled
+    subset = project_subset(queries, bank, 0.02, neighbor_ids=ids)
+    np.testing.assert_allclose(subset.vectors, full.vectors, atol=1e-5)
+    np.testing.assert_array_equal(subset.support_ids, full.support_ids)
+    np.testing.assert_allclose(subset.support_weights, full.support_weights, atol=1e-6)
+
+
+def test_project_subset_on_gathered_vectors_and_padding(queries, bank):
+    ids, _ = nearest(queries, bank, k=10)
+    by_ids = project_subset(queries, bank, neighbor_ids=ids)
+    by_vectors = project_subset(queries, gather_neighbors(bank, ids))  # [B, k, D]; support = positions
+    np.testing.assert_allclose(by_vectors.vectors, by_ids.vectors, atol=1e-6)
+    np.testing.assert_array_equal(np.take_along_axis(ids, by_vectors.support_ids, 1), by_ids.support_ids)
+    padded = np.concatenate([ids, -np.ones((len(ids), 3), dtype=np.int64)], axis=1)  # ANN found fewer
+    np.testing.assert_allclose(project_subset(queries, bank, neighbor_ids=padded).vectors, by_ids.vectors, atol=1e-6)
+    few = project_subset(queries, bank, neighbor_ids=padded[:, [0, 1, 11, 12]], n_support=4)
+    assert (few.support_ids[:, 2:] == -1).all() and (few.support_weights[:, 2:] == 0).all()
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 13, 128, None])
+def test_nearest_matches_argsort(queries, bank, chunk_rows):
+    ids, sims = nearest(queries, bank, k=4, chunk_rows=chunk_rows)
+    scores = queries @ bank.T
+    np.testing.assert_array_equal(ids, np.argsort(-scores, axis=1, kind="stable")[:, :4])
+    np.testing.assert_allclose(sims, np.take_along_axis(scores, ids, 1), atol=1e-6)
+    all_ids, _ = nearest(queries, bank[:3], k=10)
+    assert all_ids.shape == (5, 3)
+
+
+def test_identity_renormalises(queries):
+    np.testing.assert_allclose(identity(3.0 * queries), queries, atol=1e-6)
+
+
+def test_bad_inputs_raise_clear_errors(queries, bank):
+    with pytest.raises(ValueError, match="dims"):
+        project(queries, bank[:, :16])
+    with pytest.raises(ValueError, match="tau"):
+        project(queries, bank, tau=0.0)
+    with pytest.raises(ValueError, match="NaN"):
+        project(np.full((1, 32), np.nan, np.float32), bank)
+    with pytest.raises(ValueError, match="out of range"):
+        project_subset(queries, bank, neighbor_ids=np.full((5, 2), 999))
+    with pytest.raises(ValueError, match="no neighbours"):
+        project_subset(queries, bank, neighbor_ids=np.full((5, 2), -1))
+
+
+def test_blas_threads_follow_torch_and_are_restored():
+    api = _openblas_thread_api()
+    if api is None:
+        pytest.skip("numpy's BLAS is not a bundled OpenBLAS here")
+    before, torch_threads = api.get(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with _blas_threads():
+            assert api.get() == 1
+        assert api.get() == before
+    finally:
+        torch.set_num_threads(torch_threads)
