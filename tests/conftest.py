@@ -9,11 +9,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="decapflow-prefect-"))
 os.environ.setdefault("DECAPFLOW_DEVICE", "cpu")
 os.environ.pop("PREFECT_API_URL", None)
+
+# Small models, and a 2-core machine where a second thread mostly spins: one thread is faster and repeatable.
+torch.set_num_threads(1)
 
 _LOCAL = ("127.0.0.1", "::1", "localhost")
 _connect = socket.socket.connect

@@ -1,0 +1,182 @@
+"""Captioner: images -> CLIP image embeddings -> a strategy's prefix vectors -> decoder -> captions.
+
+``Captioner(encoder, bank, decoder, vocab, strategy).caption(images)`` returns one :class:`Caption` per image with
+the top supporting bank sentences and their weights, so a user sees why a caption came out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from decapflow import projection
+from decapflow.decoder.checkpoint import current_decoder, decoders_dir, load_decoder
+from decapflow.decoder.model import DeCapDecoder
+from decapflow.decoder.vocab import Vocab
+from decapflow.encoders import Encoder, load_encoder
+from decapflow.memory import BankError, MemoryBank, Registry
+
+#: Banks at least this large use the LanceDB ANN index for ``topk`` (built on first use); smaller ones take
+#: their exact top-k from the local vector copy, which is fast enough and exact.
+ANN_MIN_ROWS = 200_000
+
+
+@dataclass
+class Caption:
+    caption: str
+    strategy: str
+    support: list[tuple[str, float]] = field(default_factory=list)  # (bank sentence, weight or similarity)
+    image: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Options:
+    strategy: str = "pd"
+    tau: float = 0.01
+    k: int = 64  # neighbours for ``topk``
+    beam: int = 1
+    max_len: int = 30
+    n_support: int = 3
+    batch_size: int = 64
+
+
+class Captioner:
+    """Captions images against one memory bank with one decoder (``clipre`` needs no decoder)."""
+
+    def __init__(self, encoder: Encoder, bank: MemoryBank, decoder: DeCapDecoder | None, vocab: Vocab | None,
+                 options: Options | None = None) -> None:
+        self.encoder, self.bank, self.decoder, self.vocab = encoder, bank, decoder, vocab
+        self.options = options or Options()
+        if self.options.strategy not in projection.STRATEGIES:
+            raise ValueError(f"unknown strategy {self.options.strategy!r}; choose from {projection.STRATEGIES}")
+        if decoder is None and self.options.strategy != "clipre":
+            raise ValueError(f"strategy {self.options.strategy!r} needs a decoder")
+        if decoder is not None and decoder.config.prefix_dim != bank.dim:
+            raise BankError(f"decoder expects {decoder.config.prefix_dim}-d prefixes, bank {bank.name!r} is "
+                            f"{bank.dim}-d")
+        self.vectors, self.texts = bank.vector_cache()  # memory-mapped, tied to the bank version
+        self.decoder_path: Path | None = None  # where the decoder came from, when loaded from a folder
+
+    @classmethod
+    def for_bank(cls, name: str, options: Options | None = None, decoder: str | None = None,
+                 store: str | None = None, device: str | None = None) -> Captioner:
+        """Open bank ``name``, its encoder and its current decoder (or ``decoder``: an id or a folder)."""
+        bank = Registry(store).open(name)
+        options = options or Options()
+        model = vocab = folder = None
+        if options.strategy != "clipre":
+            folder = resolve_decoder(name, decoder)
+            model, vocab, meta = load_decoder(folder, device or "cpu")
+            if meta.get("encoder") not in (None, bank.encoder):
+                raise BankError(f"decoder {folder.name} was trained on embeddings of {meta['encoder']!r}, "
+                                f"bank {name!r} holds {bank.encoder!r}")
+        captioner = cls(load_encoder(bank.encoder, device), bank, model, vocab, options)
+        captioner.decoder_path = folder
+        return captioner
+
+    # ------------------------------------------------------------------ the pipeline
+    def caption(self, images: Sequence) -> list[Caption]:
+        """PIL images (or preprocessed tensors) -> captions, in order."""
+        return self.caption_embeddings(self.encoder.encode_image(images, self.options.batch_size))
+
+    def caption_embeddings(self, image_vectors: np.ndarray) -> list[Caption]:
+        """Unit CLIP image embeddings [B, D] -> captions (everything after the image encoder)."""
+        o = self.options
+        if o.strategy == "clipre":
+            ids, sims = projection.nearest(image_vectors, self.vectors, k=o.n_support)
+            return [Caption(self._text(row[0]), "clipre", self._support(row, s)) for row, s in zip(ids, sims, strict=True)]
+        prefixes, support = self.prefixes(image_vectors)
+        texts = self.decoder.decode_texts(prefixes, self.vocab, max_len=o.max_len, beam=o.beam,
+                                          batch_size=max(o.batch_size, 1))
+        return [Caption(text, o.strategy, sup) for text, sup in zip(texts, support, strict=True)]
+
+    def prefixes(self, image_vectors: np.ndarray) -> tuple[np.ndarray, list[list[tuple[str, float]]]]:
+        """The strategy's decoder prefixes [B, D] and, per image, the bank sentences behind them."""
+        o = self.options
+        if o.strategy == "pd":
+            p = projection.project(image_vectors, self.vectors, tau=o.tau, n_support=o.n_support)
+            return p.vectors, [self._support(i, w) for i, w in zip(p.support_ids, p.support_weights, strict=True)]
+        if o.strategy == "topk":
+            return self._topk(image_vectors)
+        ids, sims = projection.nearest(image_vectors, self.vectors, k=o.n_support)
+        support = [self._support(i, s) for i, s in zip(ids, sims, strict=True)]
+        if o.strategy == "nnd":
+            return np.asarray(self.vectors[ids[:, 0]], dtype=np.float32), support
+        return projection.identity(image_vectors), support  # vd
+
+    def _topk(self, image_vectors: np.ndarray) -> tuple[np.ndarray, list[list[tuple[str, float]]]]:
+        o = self.options
+        if len(self.vectors) < ANN_MIN_ROWS:
+            ids, _ = projection.nearest(image_vectors, self.vectors, k=o.k)
+            p = projection.project_subset(image_vectors, self.vectors, tau=o.tau, neighbor_ids=ids,
+                                          n_support=o.n_support)
+            return p.vectors, [self._support(i, w) for i, w in zip(p.support_ids, p.support_weights, strict=True)]
+        if not self.bank.has_index():
+            self.bank.build_index()
+        vectors, texts = self.bank.ann_neighbors(image_vectors, o.k)  # [B, k, D], [B][k]
+        batch, k, dim = vectors.shape
+        ids = np.arange(batch * k).reshape(batch, k)
+        ids[np.array([[t == "" for t in row] for row in texts])] = -1  # padding when the index found < k
+        p = projection.project_subset(image_vectors, vectors.reshape(-1, dim), tau=o.tau, neighbor_ids=ids,
+                                      n_support=o.n_support)
+        flat = [t for row in texts for t in row]
+        support = [[(flat[i], float(w)) for i, w in zip(r, ws, strict=True) if i >= 0]
+                   for r, ws in zip(p.support_ids, p.support_weights, strict=True)]
+        return p.vectors, support
+
+    def _text(self, row: int) -> str:
+        return self.texts[int(row)].as_py()
+
+    def _support(self, ids: np.ndarray, weights: np.ndarray) -> list[tuple[str, float]]:
+        return [(self._text(i), round(float(w), 4)) for i, w in zip(ids, weights, strict=True) if i >= 0]
+
+
+def resolve_decoder(bank: str, decoder: str | None) -> Path:
+    """A decoder folder: ``decoder`` as a folder path or a registered id of ``bank``, else the bank's current one."""
+    if decoder:
+        for candidate in (Path(decoder), decoders_dir(bank) / decoder):
+            if (candidate / "model.safetensors").is_file():
+                return candidate
+        raise ValueError(f"no decoder {decoder!r} (neither a checkpoint folder nor a decoder id of bank {bank!r}); "
+                         f"see: decapflow decoder list {bank}")
+    folder = current_decoder(bank)
+    if folder is None:
+        raise ValueError(f"bank {bank!r} has no decoder yet; train one with: decapflow train --memory {bank}")
+    return folder
+
+
+def caption_paths(captioner: Captioner, paths: Sequence[Path], progress: bool = False
+                  ) -> tuple[list[Caption], list[Any]]:
+    """Caption image files in batches; unreadable ones are skipped and returned as failures."""
+    from decapflow.images import ImageFailure, load_image
+
+    captions: list[Caption] = []
+    failures: list[ImageFailure] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(paths), desc=f"caption ({captioner.options.strategy})", unit=" img",
+                   dynamic_ncols=True)
+    step = max(1, captioner.options.batch_size)
+    for start in range(0, len(paths), step):
+        batch = paths[start : start + step]
+        loaded = [(p, load_image(p)) for p in batch]
+        good = [(p, im) for p, im in loaded if not isinstance(im, ImageFailure)]
+        failures.extend(im for _, im in loaded if isinstance(im, ImageFailure))
+        if good:
+            for (path, _), cap in zip(good, captioner.caption([im for _, im in good]), strict=True):
+                cap.image = str(path)
+                captions.append(cap)
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    return captions, failures

@@ -1,0 +1,253 @@
+"""Decoder checkpoints (a folder), the per-bank registry, and import/export of official DeCap checkpoints.
+
+A checkpoint is a folder that rebuilds itself without code changes or unsafe unpickling::
+
+    config.json        DecoderConfig (architecture, vocabulary size, start/end ids)
+    model.safetensors  the weights (the tied output layer is stored once)
+    vocab.json         the compact vocabulary (CLIP id of every model id)
+    meta.json          bank, bank version, encoder spec, recipe, metrics, created, decapflow version, ...
+
+The registry keeps the decoders of memory bank ``B`` under ``<home>/decoders/<B>/<id>/`` with ids like
+``20261127-031500-3fa2c1`` (UTC time, then a hash of the weights); ``<home>/decoders/<B>/current`` names the
+decoder in use and is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+import decapflow
+from decapflow.config import home
+from decapflow.decoder.model import DeCapDecoder, DecoderConfig
+from decapflow.decoder.vocab import END_ID, START_ID, Vocab
+
+FILES = ("config.json", "model.safetensors", "vocab.json", "meta.json")
+_BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+# ------------------------------------------------------------------------------------------- one checkpoint
+def write_decoder_files(folder: Path, model: DeCapDecoder, vocab: Vocab, meta: dict[str, Any] | None = None) -> Path:
+    """Write the four files into ``folder`` (created; not atomic, see :func:`save_decoder`)."""
+    if len(vocab) != model.config.vocab_size:
+        raise ValueError(f"vocabulary has {len(vocab)} ids but the model {model.config.vocab_size}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(model.config.to_json())
+    save_model(model, str(folder / "model.safetensors"))
+    vocab.save(folder / "vocab.json")
+    full_meta = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "decapflow_version": decapflow.__version__,
+        "num_params": model.num_params(),
+        **(meta or {}),
+    }
+    (folder / "meta.json").write_text(json.dumps(full_meta, indent=2, default=str))
+    return folder
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move folder ``src`` to ``dst``, replacing an existing ``dst`` (never leaves ``dst`` half-written)."""
+    old = dst.with_name(f".{dst.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def save_decoder(folder: Path, model: DeCapDecoder, vocab: Vocab, meta: dict[str, Any] | None = None) -> Path:
+    """Save a checkpoint folder atomically (written next to it, then renamed into place)."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write_decoder_files(tmp, model, vocab, meta)
+    replace_dir(tmp, folder)
+    return folder
+
+
+def load_decoder(folder: Path, device: str | torch.device = "cpu") -> tuple[DeCapDecoder, Vocab, dict[str, Any]]:
+    """Rebuild ``(model, vocab, meta)`` from a checkpoint folder; the model is in eval mode on ``device``."""
+    folder = Path(folder)
+    if missing := [f for f in FILES if not (folder / f).is_file()]:
+        raise ValueError(f"{folder} is not a decoder checkpoint: missing {missing}")
+    model = DeCapDecoder(DecoderConfig.from_json((folder / "config.json").read_text()))
+    load_model(model, str(folder / "model.safetensors"), device="cpu")
+    vocab = Vocab.load(folder / "vocab.json")
+    if len(vocab) != model.config.vocab_size:
+        raise ValueError(f"{folder}: vocab.json has {len(vocab)} ids, config.json {model.config.vocab_size}")
+    meta = json.loads((folder / "meta.json").read_text())
+    return model.to(device).eval(), vocab, meta
+
+
+# ------------------------------------------------------------------------------------------- registry
+def decoders_dir(bank: str) -> Path:
+    """``<home>/decoders/<bank>`` (not created)."""
+    if not _BANK_NAME.match(bank):
+        raise ValueError(f"invalid bank name {bank!r}: use letters, digits, '.', '_' and '-'")
+    return home() / "decoders" / bank
+
+
+def _weights_hash(folder: Path) -> str:
+    digest = hashlib.sha256()
+    with open(folder / "model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:6]
+
+
+def register(
+    bank: str, source: Path | DeCapDecoder, vocab: Vocab | None = None, meta: dict[str, Any] | None = None,
+    *, make_current: bool = True,
+) -> str:
+    """Add a decoder to ``bank``'s registry and return its id.
+
+    ``source`` is a checkpoint folder (copied) or a model (saved with ``vocab`` and ``meta``); the copy's
+    ``meta.json`` gets ``"bank": bank`` unless it names one. ``make_current`` points ``current`` at it."""
+    root = decoders_dir(bank)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".incoming-{os.getpid()}-{time.time_ns()}"
+    if isinstance(source, DeCapDecoder):
+        if vocab is None:
+            raise ValueError("register(bank, model, vocab, meta): a model needs its vocabulary")
+        write_decoder_files(tmp, source, vocab, meta)
+    else:
+        load_decoder(source)  # validate before copying
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("train_state.pt"))
+    meta_path = tmp / "meta.json"
+    saved = json.loads(meta_path.read_text())
+    saved.setdefault("bank", bank)
+    meta_path.write_text(json.dumps(saved, indent=2, default=str))
+    decoder_id = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{_weights_hash(tmp)}"
+    if (root / decoder_id).exists():  # the same weights registered twice within a second
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, root / decoder_id)
+    if make_current:
+        set_current(bank, decoder_id)
+    return decoder_id
+
+
+def set_current(bank: str, decoder_id: str) -> None:
+    """Make ``decoder_id`` the decoder in use for ``bank`` (the ``current`` file is replaced atomically)."""
+    root = decoders_dir(bank)
+    if not (root / decoder_id / "model.safetensors").is_file():
+        known = [d["id"] for d in list_decoders(bank)]
+        raise ValueError(f"bank {bank!r} has no decoder {decoder_id!r}; registered: {known}")
+    tmp = root / f".current.{os.getpid()}.tmp"
+    tmp.write_text(decoder_id + "\n")
+    os.replace(tmp, root / "current")
+
+
+def current_decoder(bank: str) -> Path | None:
+    """The folder of ``bank``'s current decoder, or None when none is registered or set."""
+    root = decoders_dir(bank)
+    marker = root / "current"
+    if not marker.is_file():
+        return None
+    folder = root / marker.read_text().strip()
+    return folder if folder.is_dir() else None
+
+
+def list_decoders(bank: str) -> list[dict[str, Any]]:
+    """Every registered decoder of ``bank``, oldest first: its meta plus ``id``, ``path`` and ``current``."""
+    root = decoders_dir(bank)
+    if not root.is_dir():
+        return []
+    current = current_decoder(bank)
+    rows = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        meta_path = folder / "meta.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        rows.append({**meta, "id": folder.name, "path": str(folder), "current": folder == current})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- official DeCap
+_GPT = "decoder.transformer."
+_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # GPT-2 Conv1D: weight [in, out]
+_LAYER_PARAMS = ("ln_1", "ln_2", *_CONV1D)
+
+
+def _official_state(path: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state_dict, found {type(state).__name__}")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    needed = [_GPT + "wte.weight", _GPT + "wpe.weight", "clip_project.model.0.weight"]
+    if missing := [k for k in needed if k not in state]:
+        raise ValueError(f"{path} is not an official DeCap checkpoint: missing {missing}")
+    if "clip_project.model.2.weight" in state:
+        raise ValueError(f"{path}: clip_project is a multi-layer MLP; only the paper's single Linear is supported")
+    return state
+
+
+def import_official(
+    path: Path, n_head: int = 4, device: str | torch.device = "cpu"
+) -> tuple[DeCapDecoder, Vocab, dict[str, Any]]:
+    """Load an official DeCap ``torch.save``d state_dict (``decoder.transformer.*``, ``decoder.lm_head.weight``,
+    ``clip_project.model.0.*``) into a :class:`DeCapDecoder` with an identity vocabulary.
+
+    Sizes (vocabulary, width, positions, layers, prefix size) are read from the tensors; the head count is not
+    stored in a state_dict, so pass ``n_head`` (the paper: 4). The official code feeds the projected CLIP
+    vector as position 0 before the token embeddings, which is our layout too."""
+    state = _official_state(Path(path))
+    vocab_size, n_embd = state[_GPT + "wte.weight"].shape
+    n_layer = len({k.split(".")[3] for k in state if k.startswith(_GPT + "h.")})
+    inner = state[_GPT + "h.0.mlp.c_fc.weight"].shape[1]
+    if inner != 4 * n_embd:
+        raise ValueError(f"MLP width {inner} is not 4×{n_embd}; only GPT-2's default n_inner is supported")
+    config = DecoderConfig(
+        n_layer=n_layer, n_head=n_head, n_embd=n_embd, prefix_dim=state["clip_project.model.0.weight"].shape[1],
+        block_size=state[_GPT + "wpe.weight"].shape[0], vocab_size=vocab_size, dropout=0.0,
+        start_id=START_ID, end_id=END_ID,
+    )
+    mine: dict[str, torch.Tensor] = {
+        "wte.weight": state[_GPT + "wte.weight"], "wpe.weight": state[_GPT + "wpe.weight"],
+        "ln_f.weight": state[_GPT + "ln_f.weight"], "ln_f.bias": state[_GPT + "ln_f.bias"],
+        "prefix_proj.weight": state["clip_project.model.0.weight"],
+        "prefix_proj.bias": state["clip_project.model.0.bias"],
+    }
+    for i in range(n_layer):
+        for name in _LAYER_PARAMS:
+            weight = state[f"{_GPT}h.{i}.{name}.weight"]
+            mine[f"blocks.{i}.{name}.weight"] = weight.t() if name in _CONV1D else weight
+            mine[f"blocks.{i}.{name}.bias"] = state[f"{_GPT}h.{i}.{name}.bias"]
+    head = state.get("decoder.lm_head.weight")
+    if head is not None and not torch.equal(head, mine["wte.weight"]):
+        raise ValueError("decoder.lm_head.weight differs from wte: untied output layers are not supported")
+    model = DeCapDecoder(config)
+    model.load_state_dict({**mine, "lm_head.weight": mine["wte.weight"]}, strict=True)
+    meta = {"source": "official-decap", "imported_from": str(path), "n_head": n_head}
+    return model.to(device).eval(), Vocab.identity(vocab_size, drop_clip_ids=(0,)), meta
+
+
+def export_official(model: DeCapDecoder) -> dict[str, torch.Tensor]:
+    """The model as an official-layout state_dict (needs an identity vocabulary's full-size embedding)."""
+    state = {
+        _GPT + "wte.weight": model.wte.weight, _GPT + "wpe.weight": model.wpe.weight,
+        _GPT + "ln_f.weight": model.ln_f.weight, _GPT + "ln_f.bias": model.ln_f.bias,
+        "decoder.lm_head.weight": model.wte.weight,
+        "clip_project.model.0.weight": model.prefix_proj.weight, "clip_project.model.0.bias": model.prefix_proj.bias,
+    }
+    for i, block in enumerate(model.blocks):
+        for name in _LAYER_PARAMS:
+            layer = block.get_submodule(name)
+            state[f"{_GPT}h.{i}.{name}.weight"] = layer.weight.t() if name in _CONV1D else layer.weight
+            state[f"{_GPT}h.{i}.{name}.bias"] = layer.bias
+    return {k: v.detach().clone().contiguous() for k, v in state.items()}

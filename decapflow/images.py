@@ -1,0 +1,67 @@
+"""Finding and safely opening images: files, folders and globs in; RGB images or a reason for failure out."""
+
+from __future__ import annotations
+
+import glob
+import re
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+#: Refuse images above this many pixels before decoding them (a decompression bomb guard): 16k x 8k.
+MAX_PIXELS = 128_000_000
+#: Images are decoded at no more than this size on their short side when the format allows (JPEG draft mode):
+#: CLIP looks at 224 px, so decoding a 24-megapixel photo in full is wasted work.
+DRAFT_SIZE = 448
+
+
+@dataclass(frozen=True)
+class ImageFailure:
+    path: str
+    reason: str
+
+
+def collect_paths(inputs: Iterable[str | Path]) -> list[Path]:
+    """Image files named by ``inputs``: files as given, folders (recursively, image suffixes only, sorted) and
+    glob patterns. Raises FileNotFoundError for an input that names nothing."""
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            paths.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+        elif path.is_file():
+            paths.append(path)
+        elif glob.has_magic(str(item)):
+            matches = sorted(Path(p) for p in glob.glob(str(item), recursive=True) if Path(p).is_file())
+            if not matches:
+                raise FileNotFoundError(f"no files match {str(item)!r}")
+            paths.extend(matches)
+        else:
+            raise FileNotFoundError(f"no such image, folder or pattern: {str(item)!r}")
+    seen: set[Path] = set()
+    return [p for p in paths if not (p in seen or seen.add(p))]  # de-duplicated, order kept
+
+
+def load_image(path: Path, max_pixels: int = MAX_PIXELS) -> Image.Image | ImageFailure:
+    """Open an image as RGB, or say why not (unreadable, corrupt, or larger than ``max_pixels``)."""
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            if width * height > max_pixels:
+                return ImageFailure(str(path), f"{width}x{height} exceeds the {max_pixels:,}-pixel limit")
+            im.draft("RGB", (DRAFT_SIZE, DRAFT_SIZE))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return ImageFailure(str(path), f"{type(exc).__name__}: {exc}")
+
+
+def trailing_int(path: str | Path) -> int | None:
+    """The trailing integer of a file's stem, as in COCO names: ``COCO_val2014_000000391895.jpg`` -> 391895."""
+    match = re.search(r"(\d+)$", Path(path).stem)
+    return int(match.group(1)) if match else None
