@@ -15,6 +15,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="decapflow-prefect-"))
 os.environ.setdefault("DECAPFLOW_DEVICE", "cpu")
 os.environ.pop("PREFECT_API_URL", None)
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the temporary server's shutdown logs go to a closed
+os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")  # stream at exit otherwise
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 # Small models, and a 2-core machine where a second thread mostly spins: one thread is faster and repeatable.
 torch.set_num_threads(1)
@@ -60,3 +63,43 @@ def tiny_clip_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_encoder_spec(tiny_clip_config: Path) -> str:
     """Encoder spec of the tiny CLIP with deterministic random weights."""
     return f"{tiny_clip_config}:random"
+
+
+SENTENCES = ["a red circle", "a blue square", "two green triangles", "a small yellow circle",
+             "three red squares", "a large blue triangle", "a purple circle on the left", "two white squares"]
+
+
+@pytest.fixture(scope="session")
+def trained_home(tmp_path_factory: pytest.TempPathFactory, tiny_encoder_spec: str) -> Path:
+    """A home with bank 'shapes' (tiny CLIP, 8 sentences) and a tiny decoder that memorised them: built once."""
+    from decapflow.decoder.train import TrainRecipe, train_from_bank
+    from decapflow.ingest import run_ingest
+
+    home = tmp_path_factory.mktemp("trained-home")
+    corpus = home / "shapes.txt"
+    corpus.write_text("\n".join(SENTENCES) + "\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DECAPFLOW_HOME", str(home))
+        run_ingest(corpus, "shapes", tiny_encoder_spec)
+        recipe = TrainRecipe(epochs=150, batch_size=8, lr=1e-2, warmup_steps=10, val_fraction=0.0, patience=None)
+        train_from_bank("shapes", config="tiny", recipe=recipe, progress=False)
+    return home
+
+
+@pytest.fixture
+def home(trained_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Use the shared trained home (read-only by convention: copy it to change it)."""
+    monkeypatch.setenv("DECAPFLOW_HOME", str(trained_home))
+    return trained_home
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    """Three small solid-colour PNGs named like COCO images (ids 7, 8, 9)."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, colour in enumerate(("red", "blue", "green")):
+        Image.new("RGB", (48, 40), colour).save(folder / f"img_{i + 7:06d}.png")
+    return folder

@@ -6,46 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
 
 from decapflow.captioner import Captioner, Options, caption_paths, resolve_decoder
 from decapflow.cli import main
-from decapflow.decoder.train import TrainRecipe, train_from_bank
 from decapflow.images import collect_paths, load_image, trailing_int
 from decapflow.ingest import run_ingest
 from decapflow.memory import Registry
-
-SENTENCES = ["a red circle", "a blue square", "two green triangles", "a small yellow circle",
-             "three red squares", "a large blue triangle", "a purple circle on the left", "two white squares"]
-
-
-@pytest.fixture(scope="module")
-def trained_home(tmp_path_factory: pytest.TempPathFactory, tiny_encoder_spec: str) -> Path:
-    """A home with bank 'shapes' (tiny CLIP) and a tiny decoder trained on it: built once per module."""
-    home = tmp_path_factory.mktemp("home")
-    corpus = home / "shapes.txt"
-    corpus.write_text("\n".join(SENTENCES) + "\n")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DECAPFLOW_HOME", str(home))
-        run_ingest(corpus, "shapes", tiny_encoder_spec)
-        recipe = TrainRecipe(epochs=150, batch_size=8, lr=1e-2, warmup_steps=10, val_fraction=0.0, patience=None)
-        train_from_bank("shapes", config="tiny", recipe=recipe, progress=False)
-    return home
-
-
-@pytest.fixture
-def home(trained_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("DECAPFLOW_HOME", str(trained_home))
-    return trained_home
-
-
-@pytest.fixture
-def images(tmp_path: Path) -> Path:
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for i, colour in enumerate(("red", "blue", "green")):
-        Image.new("RGB", (48, 40), colour).save(folder / f"img_{i + 7:06d}.png")
-    return folder
 
 
 def test_decoder_rebuilds_bank_sentences_from_their_vectors(home: Path) -> None:
