@@ -168,7 +168,7 @@ def flow_function(flow: str) -> Any:
                    "or a JSON file.")
 @click.option("--epochs", type=int, help="Passes over the bank (default 10).")
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
-@click.option("--batch-size", type=int, help="Sentences per step (default 128).")
+@click.option("--batch-size", type=int, help="Sentences per step (default 64; the paper: 128).")
 @click.option("--lr", type=float, help="Peak learning rate (default 1e-3; the paper's recipe uses 1e-5).")
 @click.option("--paper", is_flag=True, help="The paper's recipe: lr 1e-5, 1,000 warm-up steps, 10 epochs, "
                                             "no early stopping (for COCO-sized banks on a GPU).")

@@ -24,14 +24,6 @@ from decapflow.decoder.model import DeCapDecoder, build_decoder, load_config
 from decapflow.decoder.vocab import Vocab, tokenize
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def decoder() -> tuple[DeCapDecoder, Vocab]:
     vocab = Vocab.build(np.concatenate(tokenize(["a dog runs on the beach.", "two cats sleep"])))

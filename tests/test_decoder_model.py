@@ -12,16 +12,6 @@ import torch
 from decapflow.decoder.model import DeCapDecoder, DecoderConfig, build_decoder, list_configs, load_config
 from decapflow.decoder.vocab import END_ID, START_ID, Vocab, tokenize
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not spin against other processes on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TEXTS = ["A dog runs on the beach.", "Two cats sleep on a red sofa!", "a man rides a bike"]
 
 

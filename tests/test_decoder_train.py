@@ -25,13 +25,6 @@ FAST = TrainRecipe(epochs=4, batch_size=8, lr=1e-2, warmup_steps=5, label_smooth
                    patience=None, device="cpu", num_threads=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def unit_vectors(n: int, d: int = 16, seed: int = 0) -> np.ndarray:
     v = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
