@@ -32,6 +32,7 @@ DeCap (ICLR 2023), ViT-B/32, COCO in-domain: BLEU-4 24.7, METEOR 25.0, CIDEr 91.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -149,14 +150,20 @@ def _validate(references, predictions, require_all: bool) -> list[ImageId]:
     return list(predictions)
 
 
+@functools.lru_cache(maxsize=1)
+def _spice_notice() -> None:
+    """Said once per process, however many strategies are scored."""
+    logger.warning("SPICE skipped: its Stanford CoreNLP models are not installed (they need a download; "
+                   "see decapflow.evaluate.spice_available)")
+
+
 def _selected(metrics: Iterable[str] | None) -> list[str]:
     chosen = list(METRICS) if metrics is None else [m.lower() for m in metrics]
     unknown = sorted(set(chosen) - set(METRICS))
     if unknown:
         raise ValueError(f"unknown metrics {unknown}; choose from {METRICS}")
     if "spice" in chosen and not spice_available():
-        logger.warning("SPICE skipped: its Stanford CoreNLP models are not installed (they need a download; "
-                       "see decapflow.evaluate.spice_available)")
+        _spice_notice()
         chosen.remove("spice")
     return chosen
 
