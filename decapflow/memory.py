@@ -196,10 +196,13 @@ class MemoryBank:
         rows = len(self)
         if rows < 4096:
             raise BankError(f"bank {self.name!r} has {rows} rows: too few for an ANN index (exact search is fast)")
-        partitions = partitions or max(16, min(4096, int(rows**0.5)))
+        # LanceDB trains at most rows / 256 partitions; asking for more leaves some untrained.
+        partitions = partitions or max(1, min(4096, int(rows**0.5), rows // 256))
         sub_vectors = sub_vectors or max(1, self.dim // 16)
-        self.table.create_index(metric="cosine", vector_column_name="vector", index_type="IVF_PQ",
-                                num_partitions=partitions, num_sub_vectors=sub_vectors, replace=True)
+        from lancedb.index import IvfPq
+
+        config = IvfPq(distance_type="cosine", num_partitions=partitions, num_sub_vectors=sub_vectors)
+        self.table.create_index("vector", config=config, replace=True)
 
     def ann_neighbors(self, queries: np.ndarray, k: int, nprobes: int = 50, refine_factor: int = 10
                       ) -> tuple[np.ndarray, list[list[str]]]:
@@ -210,7 +213,7 @@ class MemoryBank:
         texts: list[list[str]] = []
         for i, q in enumerate(queries):
             hits = (self.table.search(q.astype(np.float32), vector_column_name="vector").metric("cosine")
-                    .nprobes(nprobes).refine_factor(refine_factor).limit(k).select(["text", "vector"]).to_arrow())
+                    .nprobes(nprobes).refine_factor(refine_factor).limit(k).select(["text", "vector", "_distance"]).to_arrow())
             got = hits.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
             vectors[i, : hits.num_rows] = got.reshape(-1, self.dim)
             texts.append(hits.column("text").to_pylist() + [""] * (k - hits.num_rows))

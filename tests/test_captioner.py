@@ -105,3 +105,30 @@ def test_decoder_list_cli(home: Path) -> None:
     rows = json.loads(CliRunner().invoke(main, ["decoder", "list", "shapes", "--json"]).stdout)
     assert len(rows) == 1 and rows[0]["current"] and rows[0]["bank"] == "shapes"
     assert rows[0]["encoder"] == Registry().open("shapes").encoder
+
+
+def test_topk_over_the_ann_index_matches_exact_topk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large banks take topk's neighbours from the LanceDB index (built on first use, kept with the bank)."""
+    from datetime import datetime, timezone
+
+    import decapflow.captioner as captioner_module
+    from decapflow.decoder.model import build_decoder
+    from decapflow.decoder.vocab import Vocab
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((50, 32)).astype(np.float32)
+    vectors = centres[rng.integers(0, 50, 6000)] + 0.3 * rng.standard_normal((6000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    bank = Registry().create("big", "e", 32)
+    bank.add([str(i) for i in range(6000)], [f"s{i}" for i in range(6000)], vectors, "x", datetime.now(timezone.utc))
+    vocab = Vocab.build([320, 1929])
+    decoder = build_decoder("tiny", vocab, prefix_dim=32)
+    queries = vectors[:8] + 0.05 * rng.standard_normal((8, 32)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    options = Options(strategy="topk", k=64, tau=0.05)
+    exact, _ = Captioner(None, bank, decoder, vocab, options).prefixes(queries)  # small bank: exact top-k
+    monkeypatch.setattr(captioner_module, "ANN_MIN_ROWS", 1000)
+    ann, support = Captioner(None, bank, decoder, vocab, options).prefixes(queries)
+    assert bank.has_index()
+    assert (np.sum(ann * exact, axis=1) > 0.99).all()
+    assert all(s and s[0][0].startswith("s") for s in support)

@@ -97,3 +97,19 @@ def test_export_and_delete(tmp_path: Path) -> None:
     assert registry.names() == []
     with pytest.raises(BankError):
         registry.delete("e")
+
+
+def test_ann_index_finds_stored_rows() -> None:
+    bank = Registry().create("ann", "e", 32)
+    vectors = unit(6000, 32, seed=3)
+    add(bank, [f"s{i}" for i in range(6000)], vectors)
+    assert not bank.has_index()
+    bank.build_index()
+    assert bank.has_index()
+    neighbours, texts = bank.ann_neighbors(vectors[:20], k=5)
+    assert neighbours.shape == (20, 5, 32)
+    assert sum(t[0] == f"s{i}" for i, t in enumerate(texts)) >= 19  # each row is its own nearest neighbour
+    np.testing.assert_allclose(neighbours[0, 0], vectors[0], atol=1e-6)
+    small = Registry().create("small", "e", 4)
+    with pytest.raises(BankError, match="too few for an ANN index"):
+        small.build_index()
