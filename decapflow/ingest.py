@@ -46,12 +46,12 @@ class IngestReport:
 
     def summary(self) -> str:
         c = self.corpus
-        rate = self.written / self.seconds if self.seconds else 0.0
+        rate = self.written / self.seconds if self.seconds else 0.0  # includes loading the encoder
         return (
             f"bank {self.bank!r}: read {c.get('read', 0)}, empty {c.get('empty', 0)}, "
             f"duplicates {c.get('duplicates', 0)}, already stored {c.get('already_stored', 0)}, "
             f"invalid {c.get('invalid', 0)}, invalid UTF-8 {c.get('invalid_utf8', 0)}, "
-            f"truncated {self.truncated}, written {self.written} in {self.seconds:.1f} s ({rate:.3g} sentences/s); "
+            f"truncated {self.truncated}, written {self.written} in {self.seconds:.1f} s ({rate:,.0f} sentences/s); "
             f"bank now {self.rows} rows, version {self.version}"
         )
 
