@@ -273,7 +273,14 @@ class Registry:
         self.db = lancedb.connect(self.uri)
 
     def names(self) -> list[str]:
-        return sorted(self.db.list_tables().tables)
+        names: list[str] = []
+        token = None
+        while True:  # remote databases answer in pages
+            page = self.db.list_tables(page_token=token)
+            names += page.tables
+            token = page.page_token
+            if not token:
+                return sorted(names)
 
     def exists(self, name: str) -> bool:
         return check_name(name) in self.names()
