@@ -44,6 +44,12 @@ class IngestReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def _problem_lines(self) -> str:
+        """Where the bad records were (the first few line numbers of each kind)."""
+        c = self.corpus
+        return (_lines("invalid UTF-8", c.get("invalid_utf8_lines", []), c.get("invalid_utf8", 0))
+                + _lines("invalid records", c.get("invalid_lines", []), c.get("invalid", 0)))
+
     def summary(self) -> str:
         c = self.corpus
         rate = self.written / self.seconds if self.seconds else 0.0  # includes loading the encoder
@@ -53,7 +59,13 @@ class IngestReport:
             f"invalid {c.get('invalid', 0)}, invalid UTF-8 {c.get('invalid_utf8', 0)}, "
             f"truncated {self.truncated}, written {self.written} in {self.seconds:.1f} s ({rate:,.0f} sentences/s); "
             f"bank now {self.rows} rows, version {self.version}"
+            + self._problem_lines()
         )
+
+
+def _lines(what: str, lines: list[int], total: int) -> str:
+    more = " ..." if total > len(lines) else ""
+    return f"\n  {what} at line{'s' if len(lines) > 1 else ''} {', '.join(map(str, lines))}{more}" if lines else ""
 
 
 def bank_name_for(path: Path, memory: str | None) -> str:

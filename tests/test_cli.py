@@ -104,3 +104,13 @@ def test_ingest_as_a_prefect_flow(corpus: Path, tiny_encoder_spec: str) -> None:
         tasks = client.read_task_runs()
     assert any(r.name and r.state.is_completed() for r in runs)
     assert {"embed-chunk", "write-chunk"} <= {t.name.rsplit("-", 1)[0] for t in tasks}
+
+
+def test_ingest_reports_where_bad_bytes_were(tmp_path: Path, tiny_encoder_spec: str) -> None:
+    corpus = tmp_path / "bad.txt"
+    corpus.write_bytes(b"good line\nbad \xff byte\nanother\n")
+    out = run("ingest", str(corpus), "--encoder", tiny_encoder_spec, "--prefect", "off")
+    assert "invalid UTF-8 1" in out.output and "invalid UTF-8 at line 2" in out.output and "written 3" in out.output
+    skipped = run("ingest", str(corpus), "--memory", "skipped", "--errors", "skip", "--encoder", tiny_encoder_spec,
+                  "--prefect", "off")
+    assert "written 2" in skipped.output
