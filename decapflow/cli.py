@@ -140,9 +140,9 @@ def _ingest_in_process(path: str, **kwargs: Any) -> dict[str, Any]:
 
 
 def _train_in_process(**kwargs: Any) -> dict[str, Any]:
-    from flows.train import train_task
+    from decapflow.decoder.train import train_bank
 
-    return train_task.fn(**kwargs)
+    return train_bank(**kwargs)
 
 
 LIBRARY_RUNNERS = {"ingest": _ingest_in_process, "train": _train_in_process}

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from decapflow.decoder.train import TrainRecipe, train_from_bank
+from decapflow.decoder.train import train_bank
 from decapflow.memory import Registry
 
-
-@task(name="train-decoder", cache_policy=NO_CACHE)
-def train_task(bank: str, config: str, recipe: dict[str, Any], store: str | None, resume: bool,
-               progress: bool) -> dict[str, Any]:
-    start = time.perf_counter()
-    decoder_id, result = train_from_bank(bank, config=config, recipe=TrainRecipe.from_dict(recipe), store=store,
-                                         resume=resume, progress=progress)
-    return {"bank": bank, "decoder": decoder_id, "best_epoch": result.best_epoch,
-            "best_val_loss": result.best_val_loss, "steps": result.steps, "stopped_early": result.stopped_early,
-            "history": result.history, "seconds": time.perf_counter() - start}
+train_task = task(train_bank, name="train-decoder", cache_policy=NO_CACHE)
 
 
 @flow(name="decapflow-train")

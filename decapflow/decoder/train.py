@@ -422,8 +422,6 @@ def train_from_bank(
 ) -> tuple[str, TrainResult]:
     """Train a decoder on a memory bank's stored texts and vectors (no CLIP re-encoding) and register the best
     checkpoint as the bank's current decoder. ``resume`` continues the bank's latest run. Returns (id, result)."""
-    import time
-
     from decapflow.decoder.checkpoint import register
     from decapflow.memory import Registry
 
@@ -443,3 +441,15 @@ def train_from_bank(
                            out_dir=out_dir, resume=resume, progress=progress, on_epoch=on_epoch, meta=meta)
     decoder_id = register(bank_name, result.best)
     return decoder_id, result
+
+
+def train_bank(bank: str, config: str = "decap-small", recipe: dict[str, Any] | None = None,
+               store: str | None = None, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """:func:`train_from_bank` with plain data in and out (what the CLI and the Prefect task pass around):
+    ``recipe`` is a :class:`TrainRecipe` as a dict; returns the decoder id, best epoch, history and seconds."""
+    start = time.perf_counter()
+    decoder_id, result = train_from_bank(bank, config=config, recipe=TrainRecipe.from_dict(recipe or {}),
+                                         store=store, resume=resume, progress=progress)
+    return {"bank": bank, "decoder": decoder_id, "best_epoch": result.best_epoch,
+            "best_val_loss": result.best_val_loss, "steps": result.steps, "stopped_early": result.stopped_early,
+            "history": result.history, "seconds": time.perf_counter() - start}
