@@ -280,12 +280,17 @@ def load_results(results_json: str | Path) -> dict[ImageId, str]:
     return predictions
 
 
+def coco_results(pairs: Iterable[tuple[ImageId, str]]) -> str:
+    """(image id, caption) pairs as the COCO results JSON that :func:`load_results` and the COCO tools read."""
+    items = [{"image_id": image_id, "caption": caption} for image_id, caption in pairs]
+    return json.dumps(items, indent=1, ensure_ascii=False) + "\n"
+
+
 def write_results(predictions: Mapping[ImageId, str], results_json: str | Path) -> Path:
-    """Write predictions in the COCO results format that :func:`load_results` and the COCO tools read."""
+    """Write predictions as a COCO results file."""
     path = Path(results_json)
     path.parent.mkdir(parents=True, exist_ok=True)
-    items = [{"image_id": key, "caption": caption} for key, caption in predictions.items()]
-    path.write_text(json.dumps(items, indent=1, ensure_ascii=False), encoding="utf-8")
+    path.write_text(coco_results(predictions.items()), encoding="utf-8")
     return path
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from decapflow.captioner import Caption
+from decapflow.evaluate import coco_results
 from decapflow.images import trailing_int
 
 FORMATS = ("text", "jsonl", "coco")
@@ -40,7 +40,5 @@ def render(captions: Sequence[Caption], fmt: str, annotations: Path | None = Non
         return "".join(json.dumps(c.to_dict(), ensure_ascii=False) + "\n" for c in captions)
     if fmt == "coco":
         by_name = coco_ids_from_annotations(annotations) if annotations else None
-        rows: list[dict[str, Any]] = [{"image_id": image_id(c.image or "", by_name), "caption": c.caption}
-                                      for c in captions]
-        return json.dumps(rows, ensure_ascii=False, indent=1) + "\n"
+        return coco_results((image_id(c.image or "", by_name), c.caption) for c in captions)
     raise ValueError(f"unknown format {fmt!r}; choose from {FORMATS}")
