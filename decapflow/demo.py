@@ -82,18 +82,17 @@ def novel_corpus(path: Path, test_folder: Path) -> Path:
 
 def _decoder_for(bank: str, settings: DemoSettings, log: Callable[[str], None]) -> str:
     """The bank's current decoder when it fits this bank version and recipe, else a freshly trained one."""
-    from decapflow.decoder.checkpoint import list_decoders
+    from decapflow.decoder.checkpoint import current_meta
     from decapflow.decoder.train import TrainRecipe, train_from_bank
     from decapflow.memory import Registry
 
     recipe = TrainRecipe(epochs=settings.epochs, max_steps=settings.max_steps, num_threads=settings.threads,
                          **({"lr": settings.lr} if settings.lr else {}))
-    version = Registry().open(bank).version
-    for d in list_decoders(bank):
-        if (d["current"] and not settings.retrain and d.get("bank_version") == version
-                and d.get("config") == settings.config and d.get("recipe") == recipe.to_dict()):
-            log(f"reusing decoder {d['id']} (trained on this bank version with this recipe; --retrain to redo)")
-            return d["id"]
+    current = current_meta(bank)
+    if (current and not settings.retrain and current.get("bank_version") == Registry().open(bank).version
+            and current.get("config") == settings.config and current.get("recipe") == recipe.to_dict()):
+        log(f"reusing decoder {current['id']} (trained on this bank version with this recipe; --retrain to redo)")
+        return current["id"]
     log(f"training a {settings.config} decoder on bank {bank!r} ({recipe.epochs} epochs max)...")
     decoder_id, result = train_from_bank(bank, config=settings.config, recipe=recipe, progress=True)
     last = result.history[-1]

@@ -25,13 +25,13 @@ def retrain_flow(banks: list[str] | None = None, config: str = "decap-small", re
                  store: str | None = None) -> list[dict[str, Any]]:
     """Scheduled retraining: train a new decoder for every bank (or ``banks``) whose contents changed since its
     current decoder was trained (the bank version differs). Banks without a decoder get one."""
-    from decapflow.decoder.checkpoint import list_decoders
+    from decapflow.decoder.checkpoint import current_meta
 
     registry = Registry(store)
     results = []
     for name in banks or registry.names():
-        current = [d for d in list_decoders(name) if d.get("current")]
-        if current and current[0].get("bank_version") == registry.open(name).version:
+        current = current_meta(name)
+        if current and current.get("bank_version") == registry.open(name).version:
             continue
         results.append(train_task(name, config, recipe or {}, store, False, False))
     return results

@@ -161,6 +161,15 @@ def current_decoder(bank: str) -> Path | None:
     return folder if folder.is_dir() else None
 
 
+def current_meta(bank: str) -> dict[str, Any] | None:
+    """The ``meta.json`` of ``bank``'s current decoder plus its ``id``, or None when it has none."""
+    folder = current_decoder(bank)
+    if folder is None:
+        return None
+    meta_path = folder / "meta.json"
+    return {**(json.loads(meta_path.read_text()) if meta_path.is_file() else {}), "id": folder.name}
+
+
 def list_decoders(bank: str) -> list[dict[str, Any]]:
     """Every registered decoder of ``bank``, oldest first: its meta plus ``id``, ``path`` and ``current``."""
     root = decoders_dir(bank)
