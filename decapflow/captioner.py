@@ -6,6 +6,7 @@ the top supporting bank sentences and their weights, so a user sees why a captio
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from decapflow import projection
-from decapflow.decoder.checkpoint import current_decoder, decoders_dir, load_decoder
+from decapflow.decoder.checkpoint import NoDecoder, current_decoder, find_decoder, load_decoder
 from decapflow.decoder.model import DeCapDecoder
 from decapflow.decoder.vocab import Vocab
 from decapflow.encoders import Encoder, load_encoder
@@ -36,7 +37,7 @@ class Caption:
         return asdict(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Options:
     strategy: str = "pd"
     tau: float = 0.01
@@ -61,6 +62,7 @@ class Captioner:
         if decoder is not None and decoder.config.prefix_dim != bank.dim:
             raise BankError(f"decoder expects {decoder.config.prefix_dim}-d prefixes, bank {bank.name!r} is "
                             f"{bank.dim}-d")
+        self.bank_version = bank.version
         self.vectors, self.texts = bank.vector_cache()  # memory-mapped, tied to the bank version
         self.decoder_path: Path | None = None  # where the decoder came from, when loaded from a folder
 
@@ -74,12 +76,24 @@ class Captioner:
         if options.strategy != "clipre":
             folder = resolve_decoder(name, decoder)
             model, vocab, meta = load_decoder(folder, device or "cpu")
-            if meta.get("encoder") not in (None, bank.encoder):
-                raise BankError(f"decoder {folder.name} was trained on embeddings of {meta['encoder']!r}, "
-                                f"bank {name!r} holds {bank.encoder!r}")
+            check_decoder_encoder(meta, folder, bank)
         captioner = cls(load_encoder(bank.encoder, device), bank, model, vocab, options)
         captioner.decoder_path = folder
         return captioner
+
+    def with_options(self, options: Options) -> Captioner:
+        """The same loaded bank, encoder and decoder with other options (nothing is copied or reloaded)."""
+        if options.strategy not in projection.STRATEGIES:
+            raise ValueError(f"unknown strategy {options.strategy!r}; choose from {projection.STRATEGIES}")
+        if self.decoder is None and options.strategy != "clipre":
+            raise ValueError(f"strategy {options.strategy!r} needs a decoder")
+        other = copy.copy(self)
+        other.options = options
+        return other
+
+    @property
+    def decoder_id(self) -> str | None:
+        return self.decoder_path.name if self.decoder_path else None
 
     # ------------------------------------------------------------------ the pipeline
     def caption(self, images: Sequence) -> list[Caption]:
@@ -138,17 +152,23 @@ class Captioner:
         return [(self._text(i), round(float(w), 4)) for i, w in zip(ids, weights, strict=True) if i >= 0]
 
 
+def check_decoder_encoder(meta: dict[str, Any], folder: Path, bank: MemoryBank) -> None:
+    """Refuse a decoder trained on another encoder's embeddings than the bank's."""
+    if meta.get("encoder") not in (None, bank.encoder):
+        raise BankError(f"decoder {folder.name} was trained on embeddings of {meta['encoder']!r}, "
+                        f"bank {bank.name!r} holds {bank.encoder!r}")
+
+
 def resolve_decoder(bank: str, decoder: str | None) -> Path:
-    """A decoder folder: ``decoder`` as a folder path or a registered id of ``bank``, else the bank's current one."""
+    """A decoder folder: ``decoder`` as a checkpoint folder or a registered id (``ID`` or ``BANK/ID``, see
+    :func:`find_decoder`), else the bank's current one."""
     if decoder:
-        for candidate in (Path(decoder), decoders_dir(bank) / decoder):
-            if (candidate / "model.safetensors").is_file():
-                return candidate
-        raise ValueError(f"no decoder {decoder!r} (neither a checkpoint folder nor a decoder id of bank {bank!r}); "
-                         f"see: decapflow decoder list {bank}")
+        if (Path(decoder) / "model.safetensors").is_file():
+            return Path(decoder)
+        return find_decoder(decoder, bank)
     folder = current_decoder(bank)
     if folder is None:
-        raise ValueError(f"bank {bank!r} has no decoder yet; train one with: decapflow train --memory {bank}")
+        raise NoDecoder(f"bank {bank!r} has no decoder yet; train one with: decapflow train --memory {bank}")
     return folder
 
 

@@ -8,8 +8,9 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 #: Refuse images above this many pixels before decoding them (a decompression bomb guard): 16k x 8k.
@@ -46,19 +47,24 @@ def collect_paths(inputs: Iterable[str | Path]) -> list[Path]:
     return [p for p in paths if not (p in seen or seen.add(p))]  # de-duplicated, order kept
 
 
-def load_image(path: Path, max_pixels: int = MAX_PIXELS) -> Image.Image | ImageFailure:
-    """Open an image as RGB, or say why not (unreadable, corrupt, or larger than ``max_pixels``)."""
+def load_image(source: Path | BinaryIO, max_pixels: int = MAX_PIXELS, name: str | None = None
+               ) -> Image.Image | ImageFailure:
+    """Open an image (a file path or a binary file object) as RGB, or say why not (unreadable, corrupt,
+    truncated, or larger than ``max_pixels``: the size is read from the header before any pixel is decoded)."""
+    path = name or (str(source) if isinstance(source, (str, Path)) else getattr(source, "name", "<bytes>"))
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             width, height = im.size
             if width * height > max_pixels:
-                return ImageFailure(str(path), f"{width}x{height} exceeds the {max_pixels:,}-pixel limit")
+                return ImageFailure(path, f"{width}x{height} exceeds the {max_pixels:,}-pixel limit")
             im.draft("RGB", (DRAFT_SIZE, DRAFT_SIZE))
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 return im.convert("RGB")
+    except UnidentifiedImageError:
+        return ImageFailure(path, "not an image (unrecognised format)")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return ImageFailure(str(path), f"{type(exc).__name__}: {exc}")
+        return ImageFailure(path, f"{type(exc).__name__}: {exc}")
 
 
 def trailing_int(path: str | Path) -> int | None:

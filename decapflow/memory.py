@@ -39,6 +39,10 @@ class BankError(ValueError):
     """A memory-bank operation cannot be done as asked (bad name, missing bank, encoder mismatch...)."""
 
 
+class UnknownBank(BankError):
+    """No bank of that name exists in the store."""
+
+
 def check_name(name: str) -> str:
     """Bank names: 1-64 letters, digits, '-' or '_' (they become table and folder names)."""
     if not _NAME.match(name or ""):
@@ -288,7 +292,7 @@ class Registry:
     def open(self, name: str) -> MemoryBank:
         if not self.exists(name):
             known = ", ".join(self.names()) or "none yet"
-            raise BankError(f"no memory bank named {name!r} in {self.uri} (banks: {known}); "
+            raise UnknownBank(f"no memory bank named {name!r} in {self.uri} (banks: {known}); "
                             f"create one with: decapflow ingest CORPUS --memory {name}")
         return MemoryBank(name, self.db.open_table(name))
 

@@ -103,3 +103,44 @@ def images(tmp_path: Path) -> Path:
     for i, colour in enumerate(("red", "blue", "green")):
         Image.new("RGB", (48, 40), colour).save(folder / f"img_{i + 7:06d}.png")
     return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def serve_app():
+    """Start ``create_app(ServeSettings(**kw))`` on a real uvicorn server on 127.0.0.1 in a thread; returns its URL.
+
+    Every server started is stopped at the end of the test."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from decapflow.serve.app import ServeSettings, create_app
+
+    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(**settings: object) -> str:
+        port = free_port()
+        config = uvicorn.Config(create_app(ServeSettings(**settings)), host="127.0.0.1", port=port,
+                                log_level="warning", lifespan="on")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        servers.append((server, thread))
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -33,6 +33,15 @@ from decapflow.decoder.vocab import END_ID, START_ID, Vocab
 
 FILES = ("config.json", "model.safetensors", "vocab.json", "meta.json")
 _BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_DECODER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class UnknownDecoder(ValueError):
+    """No registered decoder has that id."""
+
+
+class NoDecoder(ValueError):
+    """The bank has no current decoder yet."""
 
 
 # ------------------------------------------------------------------------------------------- one checkpoint
@@ -168,6 +177,22 @@ def current_meta(bank: str) -> dict[str, Any] | None:
         return None
     meta_path = folder / "meta.json"
     return {**(json.loads(meta_path.read_text()) if meta_path.is_file() else {}), "id": folder.name}
+
+
+def find_decoder(decoder: str, bank: str) -> Path:
+    """The folder of a registered decoder named by id: ``ID`` (``bank``'s own first, then any bank's) or
+    ``OTHER_BANK/ID``. Names only, never paths, so a server can take them from its clients."""
+    owner, _, decoder_id = decoder.rpartition("/")
+    if not _DECODER_ID.match(decoder_id) or (owner and not _BANK_NAME.match(owner)):
+        raise UnknownDecoder(f"invalid decoder id {decoder!r}: use ID or BANK/ID (see: decapflow decoder list BANK)")
+    root = home() / "decoders"
+    banks = [owner] if owner else [bank, *sorted(p.name for p in root.glob("*") if p.name != bank)]
+    for name in banks:
+        folder = root / name / decoder_id
+        if (folder / "model.safetensors").is_file():
+            return folder
+    raise UnknownDecoder(f"no decoder {decoder!r} registered for bank {bank!r}"
+                         f"{'' if owner else ' or any other bank'}; see: decapflow decoder list {owner or bank}")
 
 
 def list_decoders(bank: str) -> list[dict[str, Any]]:

@@ -1,0 +1,201 @@
+"""Commands for memory banks: ``ingest`` and ``memory list|show|search|export|rm``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from decapflow.cli.base import Group, echo_json, human_bytes, json_option, main, store_option
+
+
+# ---------------------------------------------------------------------------------------------- ingest
+@main.command()
+@click.argument("corpus", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--memory", "-m", help="Bank name (letters, digits, -, _). Default: the corpus file's stem.")
+@click.option("--encoder", "-e", metavar="SPEC",
+              help="CLIP encoder: NAME:PRETRAINED (default ViT-B-32:openai), hf-hub:ORG/REPO, "
+                   "CONFIG.json:WEIGHTS, or 'world'. An existing bank uses its own encoder.")
+@click.option("--format", "fmt", type=click.Choice(["txt", "jsonl", "csv", "tsv", "coco", "parquet"]),
+              help="Corpus format (default: from the suffix; .gz is read transparently).")
+@click.option("--field", help="jsonl field / csv column holding the text (default: caption, then text).")
+@click.option("--errors", type=click.Choice(["replace", "skip"]), default="replace", show_default=True,
+              help="Lines with invalid UTF-8: replace bad bytes with U+FFFD, or skip the line.")
+@click.option("--chunk-size", default=4096, show_default=True, help="Sentences per committed chunk.")
+@click.option("--batch-size", default=256, show_default=True, help="Sentences per encoder batch.")
+@click.option("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present).")
+@click.option("--prefect", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Run as a Prefect flow (tasks, retries, run history): 'auto' when PREFECT_API_URL answers, "
+                   "'on' always (a temporary local server when none is configured, ~8 s), 'off' never.")
+@store_option
+@json_option
+def ingest(corpus: Path, memory: str | None, encoder: str | None, fmt: str | None, field: str | None,
+           errors: str, chunk_size: int, batch_size: int, device: str | None, prefect: str,
+           store: str | None, as_json: bool) -> None:
+    """Ingest a text corpus into a memory bank.
+
+    CORPUS is .txt (a sentence per line), .jsonl, .csv/.tsv, COCO captions .json or .parquet, optionally
+    gzipped. Sentences are cleaned, deduplicated by content hash and embedded with the bank's CLIP encoder.
+    Running it again adds only what is new; a killed ingest resumes where its last chunk was committed.
+
+    \b
+    Example (offline):  decapflow ingest corpora/world/corpus.txt.gz --memory world --encoder world
+    """
+    kwargs = dict(memory=memory, encoder=encoder, store=store, chunk_size=chunk_size, batch_size=batch_size,
+                  fmt=fmt, field=field, errors=errors, device=device, progress=not as_json)
+    report, overhead = run_maybe_in_prefect("ingest", prefect, path=str(corpus), **kwargs)
+    if as_json:
+        echo_json({**report, "prefect_seconds": overhead})
+        return
+    from decapflow.ingest import IngestReport
+
+    click.echo(IngestReport(**report).summary())
+    if overhead is not None:
+        click.echo(f"prefect: flow run took {overhead:.1f} s beyond the work itself")
+
+
+def run_maybe_in_prefect(flow: str, mode: str, **kwargs: Any) -> tuple[dict[str, Any], float | None]:
+    """Run a flow through Prefect, or its library function in-process (see flows/prefect_env.py for ``mode``).
+
+    Returns (result, seconds Prefect added beyond the work itself, or None when it did not run)."""
+    from flows import prefect_env
+
+    api, reason = prefect_env.configure(mode)
+    if api is None:
+        if mode == "auto":
+            click.echo(f"prefect: {reason}; running in-process (--prefect on runs a flow)", err=True)
+        return LIBRARY_RUNNERS[flow](**kwargs), None
+    click.echo(f"prefect: running flow {flow!r} on {reason}", err=True)
+    start = time.perf_counter()
+    result = flow_function(flow)(**kwargs)
+    total = time.perf_counter() - start
+    return result, max(0.0, total - float(result.get("seconds", 0.0)))
+
+
+def _ingest_in_process(path: str, **kwargs: Any) -> dict[str, Any]:
+    from decapflow.ingest import run_ingest
+
+    return run_ingest(Path(path), **kwargs).to_dict()
+
+
+def _train_in_process(**kwargs: Any) -> dict[str, Any]:
+    from decapflow.decoder.train import train_bank
+
+    return train_bank(**kwargs)
+
+
+LIBRARY_RUNNERS = {"ingest": _ingest_in_process, "train": _train_in_process}
+
+
+def flow_function(flow: str) -> Any:
+    if flow == "ingest":
+        from flows.ingest import ingest_flow
+
+        return ingest_flow
+    if flow == "train":
+        from flows.train import train_flow
+
+        return train_flow
+    raise KeyError(f"unknown flow {flow!r}")
+
+
+# ---------------------------------------------------------------------------------------------- memory
+@main.group(cls=Group)
+def memory() -> None:
+    """List, inspect, search, export and delete memory banks."""
+
+
+@memory.command("list")
+@store_option
+@json_option
+def memory_list(store: str | None, as_json: bool) -> None:
+    """List the memory banks with their size and encoder."""
+    from decapflow.memory import Registry
+
+    registry = Registry(store)
+    banks = [registry.open(name) for name in registry.names()]
+    rows = [{"name": b.name, "rows": len(b), "encoder": b.encoder, "dim": b.dim, "version": b.version}
+            for b in banks]
+    if as_json:
+        echo_json(rows)
+    elif not rows:
+        click.echo(f"no memory banks in {registry.uri} yet; create one with: decapflow ingest CORPUS --memory NAME")
+    else:
+        for r in rows:
+            click.echo(f"{r['name']:<24} {r['rows']:>10} rows  v{r['version']:<5} {r['encoder']} ({r['dim']}-d)")
+
+
+@memory.command("show")
+@click.argument("name")
+@store_option
+@json_option
+def memory_show(name: str, store: str | None, as_json: bool) -> None:
+    """Describe a bank: rows, encoder, size on disk, ingests and versions."""
+    from decapflow.memory import Registry
+
+    info = Registry(store).open(name).describe()
+    if as_json:
+        echo_json(info)
+        return
+    click.echo(f"bank      {info['name']}\nrows      {info['rows']}\nencoder   {info['encoder']} ({info['dim']}-d)")
+    click.echo(f"on disk   {human_bytes(info['size_bytes'])}\ncreated   {info['created']}\nupdated   {info['updated']}")
+    click.echo(f"version   {info['version']}")
+    click.echo("ingests:")
+    for i in info["ingests"]:
+        click.echo(f"  {i['time']}  {i['rows']:>9} rows  from {i['source']}")
+    click.echo("versions:")
+    for v in info["versions"]:
+        click.echo(f"  v{v['version']:<5} {v['time']}  {v['rows']:>9} rows")
+
+
+@memory.command("search")
+@click.argument("name")
+@click.argument("query")
+@click.option("-k", default=10, show_default=True, help="How many sentences.")
+@click.option("--device", help="Device for the query encoder.")
+@store_option
+@json_option
+def memory_search(name: str, query: str, k: int, device: str | None, store: str | None, as_json: bool) -> None:
+    """Show the bank's sentences nearest to QUERY (embedded with the bank's encoder)."""
+    from decapflow.encoders import load_encoder
+    from decapflow.memory import Registry
+
+    bank = Registry(store).open(name)
+    vector = load_encoder(bank.encoder, device).encode_text([query])[0]
+    hits = bank.search(vector, k)
+    if as_json:
+        echo_json([{"text": h.text, "score": round(h.score, 4), "row": h.row} for h in hits])
+    else:
+        for h in hits:
+            click.echo(f"{h.score:.3f}  {h.text}")
+
+
+@memory.command("export")
+@click.argument("name")
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@store_option
+def memory_export(name: str, output: Path, store: str | None) -> None:
+    """Write a bank to OUTPUT: .jsonl (hash, text, source), .txt (texts) or .parquet (with vectors)."""
+    from decapflow.memory import Registry
+
+    n = Registry(store).open(name).export(output)
+    click.echo(f"wrote {n} rows to {output}")
+
+
+@memory.command("rm")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Delete without asking.")
+@store_option
+def memory_rm(name: str, yes: bool, store: str | None) -> None:
+    """Delete a bank and all its versions (asks for confirmation unless --yes)."""
+    from decapflow.memory import Registry
+
+    registry = Registry(store)
+    bank = registry.open(name)
+    if not yes:
+        click.confirm(f"Delete bank {name!r} ({len(bank)} rows, all versions)?", abort=True)
+    registry.delete(name)
+    click.echo(f"deleted bank {name!r}")
+

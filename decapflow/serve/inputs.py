@@ -1,0 +1,108 @@
+"""Reading a caption request: images (multipart files, or base64 in JSON) and validated captioning parameters."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from decapflow.captioner import Options
+from decapflow.images import ImageFailure, load_image
+from decapflow.serve.errors import ApiError, describe_validation
+
+
+class CaptionParams(BaseModel):
+    """Everything a caption request may set besides its images (the same in JSON and multipart)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    memory: str = Field(min_length=1, max_length=64, description="A registered memory bank.")
+    decoder: str | None = Field(None, max_length=200, description="A decoder id (ID or BANK/ID); default: the "
+                                                                   "bank's current decoder.")
+    strategy: Literal["pd", "topk", "nnd", "vd", "clipre"] = "pd"
+    tau: float = Field(0.01, gt=0, le=10, description="Projection temperature.")
+    k: int = Field(64, ge=1, le=4096, description="Neighbours for strategy topk.")
+    beam: int = Field(1, ge=1, le=16, description="Beam width (1 = greedy).")
+    max_len: int = Field(30, ge=1, le=76, description="Maximum caption tokens.")
+    n_support: int = Field(3, ge=0, le=64, description="Supporting bank sentences returned per image.")
+
+    def options(self) -> Options:
+        return Options(strategy=self.strategy, tau=self.tau, k=self.k, beam=self.beam, max_len=self.max_len,
+                       n_support=self.n_support)
+
+
+@dataclass
+class Upload:
+    name: str
+    data: bytes
+
+
+def _params(fields: dict[str, Any]) -> CaptionParams:
+    try:
+        return CaptionParams(**fields)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_parameter", describe_validation(exc.errors())) from exc
+
+
+def _b64(value: Any, index: int) -> Upload:
+    name = f"image-{index}"
+    if isinstance(value, dict):
+        name, value = str(value.get("name") or name), value.get("data")
+    if not isinstance(value, str):
+        raise ApiError(400, "bad_request", f"images[{index}] must be a base64 string or {{name, data}}")
+    if value.startswith("data:"):  # a data URL: data:image/png;base64,....
+        value = value.partition(",")[2]
+    try:
+        return Upload(name, base64.b64decode(value, validate=True))
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(400, "bad_request", f"images[{index}] is not valid base64: {exc}") from exc
+
+
+async def read_caption_request(request: Request, max_images: int) -> tuple[CaptionParams, list[Upload]]:
+    """The parameters and raw images of a ``POST /v1/captions`` (multipart form or JSON)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json":
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, "bad_request", f"malformed JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise ApiError(400, "bad_request", "the JSON body must be an object")
+        raw = body.pop("images", None)
+        if "image" in body:
+            raw = [body.pop("image")] if raw is None else raw + [body.pop("image")]
+        if raw is not None and not isinstance(raw, list):
+            raise ApiError(400, "bad_request", "'images' must be a list")
+        params = _params(body)
+        if raw is not None and len(raw) > max_images:
+            raise ApiError(413, "too_many_images", f"{len(raw)} images in one request; the limit is {max_images}")
+        uploads = [_b64(v, i) for i, v in enumerate(raw or [])]
+    elif ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        form = await request.form(max_files=max_images, max_fields=32)
+        files = [(k, v) for k, v in form.multi_items() if isinstance(v, UploadFile)]
+        params = _params({k: v for k, v in form.multi_items() if not isinstance(v, UploadFile)})
+        uploads = [Upload(f.filename or f"image-{i}", await f.read()) for i, (_, f) in enumerate(files)]
+    else:
+        raise ApiError(415, "unsupported_media_type",
+                       "send multipart/form-data (files under 'images') or application/json "
+                       "({\"memory\": ..., \"images\": [base64, ...]})")
+    if not uploads:
+        raise ApiError(422, "no_images", "the request has no images")
+    return params, uploads
+
+
+def decode_upload(upload: Upload, index: int, max_pixels: int) -> Any:
+    """An upload as an RGB image, or a 422 naming the image and why (empty, not an image, truncated, too big)."""
+    if not upload.data:
+        raise ApiError(422, "invalid_image", f"image {index} ({upload.name}) is empty", image=index)
+    image = load_image(io.BytesIO(upload.data), max_pixels=max_pixels, name=upload.name)
+    if isinstance(image, ImageFailure):
+        raise ApiError(422, "invalid_image", f"image {index} ({upload.name}): {image.reason}", image=index)
+    return image

@@ -1,0 +1,126 @@
+"""Warm captioners for a server: banks, decoders and encoders loaded once, kept fresh, least recently used evicted.
+
+A :class:`CaptionerPool` hands out a :class:`~decapflow.captioner.Captioner` for ``(bank, decoder)``. On every call
+it checks, cheaply, whether the bank's LanceDB version has moved (an ingest; ``checkout_latest`` costs ~1 ms) or
+its current decoder has changed (``decapflow decoder use``, a retrain; one small file read), and if so loads the
+new state before answering. A batch already running keeps the captioner it started with, so a swap never fails a
+request in flight. Banks that share an encoder share one loaded CLIP (``load_encoder`` caches by spec).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from decapflow.captioner import Captioner, Options, check_decoder_encoder
+from decapflow.config import default_device
+from decapflow.decoder.checkpoint import NoDecoder, current_decoder, find_decoder, load_decoder
+from decapflow.encoders import Encoder, load_encoder
+from decapflow.memory import MemoryBank, Registry
+
+#: Decoders kept loaded per bank (its current one plus others clients asked for), oldest dropped first.
+MAX_DECODERS_PER_BANK = 3
+
+
+class CaptionerPool:
+    """Loaded captioners keyed by (bank, decoder folder); at most ``max_banks`` banks stay loaded."""
+
+    def __init__(self, store: str | None = None, device: str | None = None, max_banks: int = 4) -> None:
+        if max_banks < 1:
+            raise ValueError("max_banks must be at least 1")
+        self.registry = Registry(store)
+        self.device = default_device(device)
+        self.max_banks = max_banks
+        self._banks: OrderedDict[str, MemoryBank] = OrderedDict()
+        self._captioners: dict[tuple[str, Path | None], Captioner] = {}
+        self._decoders: dict[Path, tuple[Any, Any, dict[str, Any]]] = {}
+        self._lock = threading.RLock()
+        self.loads = 0  # captioners built: first loads, new bank versions, new current decoders
+
+    # ------------------------------------------------------------------ lookups
+    def bank(self, name: str) -> MemoryBank:
+        """The loaded bank ``name`` at its latest version (opened on first use; raises UnknownBank)."""
+        with self._lock:
+            bank = self._banks.get(name)
+            if bank is None:
+                bank = self.registry.open(name)
+                self._banks[name] = bank
+                self._evict()
+            else:
+                bank.table.checkout_latest()
+            self._banks.move_to_end(name)
+            return bank
+
+    def encoder(self, bank: str) -> Encoder:
+        """The CLIP encoder of ``bank`` (one per encoder spec and device, shared by all banks that use it)."""
+        return load_encoder(self.bank(bank).encoder, self.device)
+
+    def decoder_folder(self, bank: str, decoder: str | None) -> Path:
+        """A registered decoder by id (``ID`` or ``BANK/ID``; never a path), else the bank's current one."""
+        if decoder:
+            return find_decoder(decoder, bank)
+        folder = current_decoder(bank)
+        if folder is None:
+            raise NoDecoder(f"bank {bank!r} has no decoder yet; train one with: decapflow train --memory {bank}, "
+                            f"or use strategy 'clipre'")
+        return folder
+
+    def captioner(self, bank_name: str, decoder: str | None = None, needs_decoder: bool = True) -> Captioner:
+        """The captioner for ``bank_name`` with ``decoder`` (default: the bank's current one), fresh."""
+        with self._lock:
+            bank = self.bank(bank_name)
+            folder = self.decoder_folder(bank_name, decoder) if needs_decoder else None
+            key = (bank_name, folder)
+            cached = self._captioners.get(key)
+            if cached is not None and cached.bank_version == bank.version:
+                return cached
+            model = vocab = None
+            if folder is not None:
+                model, vocab, meta = self._decoder(folder)
+                check_decoder_encoder(meta, folder, bank)
+            fresh = Captioner(load_encoder(bank.encoder, self.device), bank, model, vocab,
+                              Options() if model is not None else Options(strategy="clipre"))
+            fresh.decoder_path = folder
+            self.loads += 1
+            mine = [k for k in self._captioners if k[0] == bank_name]
+            fresh_keys = [k for k in mine if self._captioners[k].bank_version == bank.version]
+            drop = [k for k in mine if k not in fresh_keys]  # older bank versions
+            drop += fresh_keys[: max(0, len(fresh_keys) + 1 - MAX_DECODERS_PER_BANK)]  # oldest decoders
+            for k in drop:
+                del self._captioners[k]
+            self._captioners[key] = fresh
+            self._drop_unused_decoders()
+            return fresh
+
+    def loaded(self) -> list[dict[str, Any]]:
+        """What is in memory: bank, version, decoder id, rows."""
+        with self._lock:
+            return [{"bank": b, "bank_version": c.bank_version, "decoder": c.decoder_id, "rows": len(c.vectors)}
+                    for (b, _), c in self._captioners.items()]
+
+    def preload(self, banks: list[str]) -> None:
+        """Load each bank with its current decoder (or bank alone when it has none yet) and its encoder."""
+        for name in banks:
+            bank = self.bank(name)
+            self.captioner(name, needs_decoder=current_decoder(name) is not None)
+            load_encoder(bank.encoder, self.device)
+
+    # ------------------------------------------------------------------ internals
+    def _decoder(self, folder: Path) -> tuple[Any, Any, dict[str, Any]]:
+        if folder not in self._decoders:
+            self._decoders[folder] = load_decoder(folder, self.device)
+        return self._decoders[folder]
+
+    def _evict(self) -> None:
+        while len(self._banks) > self.max_banks:
+            name, _ = self._banks.popitem(last=False)
+            for key in [k for k in self._captioners if k[0] == name]:
+                del self._captioners[key]
+            self._drop_unused_decoders()
+
+    def _drop_unused_decoders(self) -> None:
+        used = {folder for _, folder in self._captioners}
+        for folder in [f for f in self._decoders if f not in used]:
+            del self._decoders[folder]
