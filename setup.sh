@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Set up decapflow in ./.venv (Python >= 3.10). Offline-safe where pip finds torch locally.
+#   ./setup.sh            the package, its dependencies and the test tools
+#   ./setup.sh --browser  also Debian's chromium + chromium-driver (root), for the page test in headless Chromium
 set -euo pipefail
 cd "$(dirname "$0")"
+if [[ "${1:-}" == "--browser" ]] && ! { command -v chromium && command -v chromedriver; } >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
 PYTHON=${PYTHON:-python3}
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
