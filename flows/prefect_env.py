@@ -59,6 +59,8 @@ def configure(mode: str = "auto") -> tuple[str | None, str]:
         return None, "no Prefect server configured (PREFECT_API_URL)"
     # A temporary server lives for one command: it needs run history, not schedulers or telemetry.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect gives it 20 s to start; a busy 2-core machine was measured taking 25-30 s (most of it imports).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     for service in EPHEMERAL_OFF:
         os.environ.setdefault(f"PREFECT_SERVER_SERVICES_{service}_ENABLED", "false")
     return "temporary", "a temporary local Prefect server"

@@ -18,6 +18,7 @@ os.environ.pop("PREFECT_API_URL", None)
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the temporary server's shutdown logs go to a closed
 os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")  # stream at exit otherwise
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")  # 25-30 s on a busy 2-core box
 
 # Small models, and a 2-core machine where a second thread mostly spins: one thread is faster and repeatable.
 torch.set_num_threads(1)
@@ -115,7 +116,8 @@ def free_port() -> int:
 def serve_app():
     """Start ``create_app(ServeSettings(**kw))`` on a real uvicorn server on 127.0.0.1 in a thread; returns its URL.
 
-    Every server started is stopped at the end of the test."""
+    The models run in a compute thread unless a test asks for ``compute="process"`` (the default of
+    ``decapflow serve``; a worker process costs ~2 s to start). Every server started is stopped after the test."""
     import threading
     import time
 
@@ -126,6 +128,7 @@ def serve_app():
     servers: list[tuple[uvicorn.Server, threading.Thread]] = []
 
     def start(**settings: object) -> str:
+        settings.setdefault("compute", "thread")
         port = free_port()
         config = uvicorn.Config(create_app(ServeSettings(**settings)), host="127.0.0.1", port=port,
                                 log_level="warning", lifespan="on")

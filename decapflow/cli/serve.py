@@ -18,6 +18,9 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 @click.option("--max-banks", default=4, show_default=True, help="Banks kept loaded; the least recently used go.")
 @click.option("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present).")
 @click.option("--threads", type=int, help="torch CPU threads for captioning (default: torch's choice).")
+@click.option("--compute", type=click.Choice(["process", "thread"]), default="process", show_default=True,
+              help="Where the models run: a worker process (HTTP and captioning never share a GIL; a crashed "
+                   "worker is restarted) or a thread of the server process.")
 @click.option("--max-batch", default=32, show_default=True,
               help="Images captioned together; concurrent requests for the same bank and options share a batch. "
                    "1 turns micro-batching off.")
@@ -33,7 +36,7 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
               show_default=True, help="uvicorn's log level (info logs every request).")
 @store_option
 def serve(host: str, port: int, preload: str, max_banks: int, device: str | None, threads: int | None,
-          max_batch: int, max_wait_ms: float, max_upload_mb: float, max_images: int, max_queue: int,
+          compute: str, max_batch: int, max_wait_ms: float, max_upload_mb: float, max_images: int, max_queue: int,
           api_key: str | None, log_level: str, store: str | None) -> None:
     """Serve captioning over HTTP against every bank in the store, with a page at /.
 
@@ -56,7 +59,7 @@ def serve(host: str, port: int, preload: str, max_banks: int, device: str | None
     settings = ServeSettings(store=store, device=device, preload=[b.strip() for b in preload.split(",") if b.strip()],
                              max_banks=max_banks, max_batch=max_batch, max_wait_ms=max_wait_ms,
                              max_upload_mb=max_upload_mb, max_images=max_images, max_queue=max_queue,
-                             api_key=api_key, threads=threads)
+                             api_key=api_key, threads=threads, compute=compute)
     app = create_app(settings)
     click.echo(f"decapflow serve on http://{host}:{port}/ (API docs at /docs); Ctrl-C stops it", err=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level in ("info", "debug"))

@@ -9,17 +9,21 @@ Routes (JSON; every error is ``{"error": {"code", "message"}}``):
     GET  /healthz  /readyz  /metrics  alive; preloaded banks loaded; Prometheus text
     GET  /                            the page: pick a bank, drop an image, read its caption and support
 
-Images are decoded and preprocessed in worker threads, then captioned in micro-batches on one compute thread
-(:mod:`decapflow.serve.batcher`); the event loop never runs torch. The server only reads banks and decoders.
+Requests are gathered into micro-batches (:mod:`decapflow.serve.batcher`) that a compute worker process decodes,
+encodes, projects and captions (:mod:`decapflow.serve.worker`), so the event loop never runs torch nor shares a
+GIL with it. The server only reads banks and decoders.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
+import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Hashable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,12 +35,13 @@ from decapflow import __version__
 from decapflow.captioner import Options
 from decapflow.decoder.checkpoint import current_meta
 from decapflow.memory import Registry
+from decapflow.serve import worker
 from decapflow.serve.batcher import MicroBatcher
 from decapflow.serve.errors import ApiError, error_response, install_handlers
 from decapflow.serve.gate import BodyLimit, Gate
-from decapflow.serve.inputs import Upload, decode_upload, read_caption_request
+from decapflow.serve.inputs import Upload, read_caption_request
 from decapflow.serve.metrics import Metrics
-from decapflow.serve.pool import CaptionerPool
+from decapflow.serve.worker import WorkerSettings
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 
@@ -54,46 +59,80 @@ class ServeSettings:
     max_pixels: int = 50_000_000  # per image, checked from the header before decoding
     max_queue: int = 1024  # images waiting for a batch before requests get 503
     api_key: str | None = None
-    threads: int | None = None  # torch CPU threads for the compute thread
+    threads: int | None = None  # torch CPU threads of the compute worker
+    compute: str = "process"  # "process": the models in a worker process; "thread": in this one
+
+
+#: What the compute worker takes from the server's environment (a forkserver's children do not inherit it).
+WORKER_ENV = ("DECAPFLOW_HOME", "DECAPFLOW_STORE", "DECAPFLOW_DEVICE", "HF_HUB_OFFLINE", "HF_HOME")
 
 
 class Server:
-    """What the routes share: the pool of loaded captioners, the batcher, its compute thread, metrics."""
+    """What the routes share: the compute worker (a process holding the models), the batcher, metrics."""
 
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
-        self.pool = CaptionerPool(settings.store, settings.device, settings.max_banks)
-        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decapflow-compute")
-        self.batcher = MicroBatcher(self._run_batch, self.compute, settings.max_batch, settings.max_wait_ms,
-                                    settings.max_queue)
-        self.metrics = Metrics(lambda: self.batcher.depth, lambda: len({b["bank"] for b in self.pool.loaded()}))
+        self.id = uuid.uuid4().hex
+        env = tuple((k, v) for k, v in os.environ.items() if k in WORKER_ENV)
+        self.worker_settings = WorkerSettings(settings.store, settings.device, settings.max_banks,
+                                              settings.max_pixels, settings.threads, env)
+        self.compute = self._start_worker()
+        self.reading = 0  # requests whose bodies are being read: more images on the way
+        self.batcher = MicroBatcher(self._run_batch, settings.max_batch, settings.max_wait_ms, settings.max_queue,
+                                    arriving=lambda: self.reading)
+        self.worker_status: dict[str, Any] = {"pid": None, "loaded": []}  # as of the worker's last answer
+        self.metrics = Metrics(lambda: self.batcher.depth,
+                               lambda: len({row["bank"] for row in self.worker_status["loaded"]}))
         self.batcher.on_batch = self.metrics.batch_size.observe
         self.ready = asyncio.Event()
         self.preload_error: str | None = None
 
-    def _run_batch(self, key: Hashable, pixels: list[Any]) -> list[tuple[Any, int, str | None]]:
-        """On the compute thread: encode -> project -> decode one batch with the bank's freshest captioner."""
-        bank, decoder, options = key  # type: ignore[misc]
-        captioner = self.pool.captioner(bank, decoder, needs_decoder=options.strategy != "clipre")
-        captions = captioner.with_options(options).caption(pixels)
-        self.metrics.images.inc(len(pixels))
-        return [(c, captioner.bank_version, captioner.decoder_id) for c in captions]
+    def _start_worker(self) -> Executor:
+        if self.settings.compute == "thread":  # same process: for debugging, and GPU work that frees the GIL
+            return ThreadPoolExecutor(1, "decapflow-compute", initializer=worker.init,
+                                      initargs=(self.id, self.worker_settings))
+        return ProcessPoolExecutor(1, mp_context=worker_context(), initializer=worker.init,
+                                   initargs=(self.id, self.worker_settings))
 
-    def _prepare(self, bank: str, uploads: list[Upload]) -> list[Any]:
-        """In a worker thread: check and decode each upload, then CLIP's preprocessing (resize, normalise)."""
-        preprocess = self.pool.encoder(bank).preprocess
-        return [preprocess(decode_upload(u, i, self.settings.max_pixels)) for i, u in enumerate(uploads)]
+    async def call(self, fn: Any, *args: Any) -> Any:
+        """Run ``worker.fn(server_id, *args)`` on the compute worker; a dead worker is replaced (503, retry)."""
+        executor = self.compute
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, fn, self.id, *args)
+        except BrokenExecutor as exc:
+            if self.compute is executor:
+                self.compute = self._start_worker()
+                executor.shutdown(wait=False, cancel_futures=True)
+            raise ApiError(503, "worker_restarted", "the compute worker stopped and was restarted; "
+                                                    "retry the request") from exc
+
+    async def _run_batch(self, key: Hashable, uploads: list[Upload]) -> list[Any]:
+        results, self.worker_status = await self.call(worker.run_batch, key, uploads)
+        self.metrics.images.inc(sum(not isinstance(r, Exception) for r in results))
+        return results
 
     async def preload(self) -> None:
         try:
-            await asyncio.get_running_loop().run_in_executor(self.compute, self.pool.preload, self.settings.preload)
+            self.worker_status = await self.call(worker.preload, self.settings.preload)
         except Exception as exc:  # readyz reports it; the server keeps serving other banks
             self.preload_error = f"{type(exc).__name__}: {exc}"
         else:
             self.ready.set()
 
-    async def on_compute(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
+    async def close(self) -> None:
+        await self.batcher.close()
+        self.compute.shutdown(wait=True, cancel_futures=True)
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """forkserver where there is one: a worker (a first one, or one replacing a dead one) forks from a process
+    that has torch and open_clip imported already (seconds of imports, paid once). LanceDB is imported after the
+    fork: its runtime is not fork-safe."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["decapflow.serve.worker", "open_clip"])
+    return context
 
 
 def create_app(settings: ServeSettings | None = None) -> FastAPI:
@@ -102,13 +141,10 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if settings.threads:
-            await server.on_compute(_set_threads, settings.threads)
         task = asyncio.create_task(server.preload())
         yield
         task.cancel()
-        await server.batcher.close()
-        server.compute.shutdown(wait=False, cancel_futures=True)
+        await server.close()
 
     app = FastAPI(title="decapflow", version=__version__, lifespan=lifespan,
                   description="Caption images against any registered memory bank (DeCap projection decoding).")
@@ -129,7 +165,8 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         if server.ready.is_set():
-            return JSONResponse({"status": "ready", "preloaded": settings.preload})
+            return JSONResponse({"status": "ready", "preloaded": settings.preload, "compute": settings.compute,
+                                 "worker": server.worker_status})
         if server.preload_error:
             return error_response(503, "preload_failed", server.preload_error)
         return error_response(503, "not_ready", f"still loading {', '.join(settings.preload)}")
@@ -143,17 +180,25 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         """Caption one or more images. Multipart: files under ``images`` plus form fields; JSON:
         ``{"memory": "coco", "images": ["<base64>", {"name": "a.jpg", "data": "<base64>"}], "strategy": "pd"}``."""
         started = time.perf_counter()
-        params, uploads = await read_caption_request(request, settings.max_images)
-        pixels = await asyncio.to_thread(server._prepare, params.memory, uploads)
-        prepared = time.perf_counter()
-        key = (params.memory, params.decoder, params.options())
-        results = await server.batcher.submit(key, pixels)
+        server.reading += 1
+        try:
+            params, uploads = await read_caption_request(request, settings.max_images)
+        finally:
+            server.reading -= 1
+        read = time.perf_counter()
+        results = await server.batcher.submit((params.memory, params.decoder, params.options()), uploads)
+        for index, result in enumerate(results):
+            if isinstance(result, ApiError) and result.code == "invalid_image":  # say which image it was
+                raise ApiError(422, "invalid_image", f"image {index} ({uploads[index].name}): {result.message}",
+                               image=index)
+            if isinstance(result, Exception):
+                raise result
         done = time.perf_counter()
         return {
             "memory": params.memory,
             "results": [_result(upload, cap, version, decoder, info)
                         for upload, ((cap, version, decoder), info) in zip(uploads, results, strict=True)],
-            "timings_ms": {"prepare": _ms(prepared - started), "caption": _ms(done - prepared),
+            "timings_ms": {"read": _ms(read - started), "caption": _ms(done - read),
                            "total": _ms(done - started)},
         }
 
@@ -172,11 +217,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     @app.get("/v1/banks/{name}/search")
     async def search(name: str, q: str = Query(min_length=1, max_length=2000),
                      k: int = Query(10, ge=1, le=100)) -> list[dict[str, Any]]:
-        def run() -> list[dict[str, Any]]:
-            vector = server.pool.encoder(name).encode_text([q])[0]
-            return [{"text": h.text, "score": round(h.score, 4), "row": h.row} for h in server.pool.bank(name).search(vector, k)]
-
-        return await server.on_compute(run)
+        return await server.call(worker.search, name, q, k)
 
     return app
 
@@ -192,10 +233,10 @@ def _list_banks(store: str | None) -> list[dict[str, Any]]:
     return rows
 
 
-def _result(upload: Upload, cap: Any, version: int, decoder: str | None, info: Any) -> dict[str, Any]:
+def _result(upload: Upload, cap: dict[str, Any], version: int, decoder: str | None, info: Any) -> dict[str, Any]:
     return {
-        "image": upload.name, "caption": cap.caption, "strategy": cap.strategy,
-        "support": [{"text": t, "weight": w} for t, w in cap.support],
+        "image": upload.name, "caption": cap["caption"], "strategy": cap["strategy"],
+        "support": [{"text": t, "weight": w} for t, w in cap["support"]],
         "bank_version": version, "decoder": decoder,
         "batch": {"size": info.size, "queued_ms": _ms(info.queued_s), "run_ms": _ms(info.run_s)},
     }
@@ -203,12 +244,6 @@ def _result(upload: Upload, cap: Any, version: int, decoder: str | None, info: A
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 2)
-
-
-def _set_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(n)
 
 
 __all__ = ["Options", "ServeSettings", "create_app", "ApiError"]

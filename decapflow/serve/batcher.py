@@ -1,18 +1,21 @@
-"""Micro-batching: items submitted concurrently under the same key run as one call, off the event loop.
+"""Micro-batching: items submitted concurrently under the same key run as one call.
 
 Each key (bank, decoder and options) has a queue and one worker coroutine. The worker takes the first waiting
 item, then whatever else is already queued, then waits at most ``max_wait_ms`` for more, up to ``max_batch``
-items, and runs ``run(key, items)`` in the executor (one thread: torch work is serial, and the event loop never
-waits on it). While a batch runs, new requests queue up and form the next batch, so batches grow with load and a
-lone request waits at most ``max_wait_ms``. Workers of keys nobody uses exit after ``idle_s``.
+items, and awaits ``run(key, items)`` (which hands the work to the compute worker, so the event loop never runs
+torch). While a batch runs, new requests queue up and form the next batch, so batches grow with load and a lone
+request waits at most ``max_wait_ms``, and not at all when ``arriving()`` says no other request is being
+read. Workers of keys nobody uses exit after ``idle_s``.
+
+``run`` returns one result per item, in order; an item's result may be an exception, which fails that item's
+caller alone. An exception raised by ``run`` fails every item of the batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import Executor
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,14 +41,15 @@ class QueueFull(RuntimeError):
 
 
 class MicroBatcher:
-    def __init__(self, run: Callable[[Hashable, list[Any]], Sequence[Any]], executor: Executor, max_batch: int = 32,
+    def __init__(self, run: Callable[[Hashable, list[Any]], Awaitable[Sequence[Any]]], max_batch: int = 32,
                  max_wait_ms: float = 5.0, max_queue: int = 1024, idle_s: float = 60.0,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+                 on_batch: Callable[[int], None] | None = None,
+                 arriving: Callable[[], int] = lambda: 1) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
-        self.run, self.executor = run, executor
+        self.run = run
         self.max_batch, self.max_wait, self.max_queue, self.idle_s = max_batch, max_wait_ms / 1000, max_queue, idle_s
-        self.on_batch = on_batch
+        self.on_batch, self.arriving = on_batch, arriving
         self._queues: dict[Hashable, asyncio.Queue[_Item]] = {}
         self._workers: dict[Hashable, asyncio.Task] = {}
 
@@ -54,8 +58,9 @@ class MicroBatcher:
         """Items waiting for a batch (not counting those running)."""
         return sum(q.qsize() for q in self._queues.values())
 
-    async def submit(self, key: Hashable, values: Sequence[Any]) -> list[tuple[Any, BatchInfo]]:
-        """Run ``values`` (in batches shared with other callers of the same key); results in order."""
+    async def submit(self, key: Hashable, values: Sequence[Any]) -> list[tuple[Any, BatchInfo] | Exception]:
+        """Run ``values`` (in batches shared with other callers of the same key): per value, in order,
+        ``(result, BatchInfo)`` or the exception that failed it."""
         if self.depth + len(values) > self.max_queue:
             raise QueueFull(f"{self.depth} images are already waiting (limit {self.max_queue}); try again shortly")
         loop = asyncio.get_running_loop()
@@ -67,7 +72,7 @@ class MicroBatcher:
         items = [_Item(v, loop.create_future(), now) for v in values]
         for item in items:  # no await between the lookup and the puts: an idle worker cannot exit in between
             queue.put_nowait(item)
-        return list(await asyncio.gather(*(item.future for item in items)))
+        return list(await asyncio.gather(*(item.future for item in items), return_exceptions=True))
 
     async def close(self) -> None:
         for task in self._workers.values():
@@ -84,7 +89,7 @@ class MicroBatcher:
                 batch.append(queue.get_nowait())
                 continue
             remaining = deadline - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or not self.arriving():  # nobody else is on the way: do not wait for nothing
                 break
             try:
                 batch.append(await asyncio.wait_for(queue.get(), remaining))
@@ -93,7 +98,6 @@ class MicroBatcher:
         return batch
 
     async def _work(self, key: Hashable, queue: asyncio.Queue[_Item]) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             try:
                 first = await asyncio.wait_for(queue.get(), self.idle_s)
@@ -107,7 +111,7 @@ class MicroBatcher:
                 continue
             started = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self.executor, self.run, key, [i.value for i in batch])
+                results = await self.run(key, [i.value for i in batch])
             except Exception as exc:  # the whole batch failed (e.g. its bank was deleted): every caller hears why
                 for item in batch:
                     if not item.future.done():
@@ -117,5 +121,9 @@ class MicroBatcher:
             if self.on_batch:
                 self.on_batch(len(batch))
             for item, result in zip(batch, results, strict=True):
-                if not item.future.done():
+                if item.future.done():
+                    continue
+                if isinstance(result, Exception):  # this item alone failed
+                    item.future.set_exception(result)
+                else:
                     item.future.set_result((result, BatchInfo(len(batch), started - item.enqueued, run_s)))

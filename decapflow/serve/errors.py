@@ -25,6 +25,13 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.code, self.message, self.extra = status, code, message, extra
 
+    def __reduce__(self) -> tuple:  # crosses the process boundary from the compute worker
+        return _rebuild_api_error, (self.status, self.code, self.message, self.extra)
+
+
+def _rebuild_api_error(status: int, code: str, message: str, extra: dict[str, Any]) -> ApiError:
+    return ApiError(status, code, message, **extra)
+
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
                    **extra: Any) -> JSONResponse:

@@ -98,11 +98,11 @@ async def read_caption_request(request: Request, max_images: int) -> tuple[Capti
     return params, uploads
 
 
-def decode_upload(upload: Upload, index: int, max_pixels: int) -> Any:
-    """An upload as an RGB image, or a 422 naming the image and why (empty, not an image, truncated, too big)."""
+def decode_upload(upload: Upload, max_pixels: int) -> Any:
+    """An upload as an RGB image, or a 422 saying why not (empty, not an image, truncated, too big)."""
     if not upload.data:
-        raise ApiError(422, "invalid_image", f"image {index} ({upload.name}) is empty", image=index)
+        raise ApiError(422, "invalid_image", "the upload is empty")
     image = load_image(io.BytesIO(upload.data), max_pixels=max_pixels, name=upload.name)
     if isinstance(image, ImageFailure):
-        raise ApiError(422, "invalid_image", f"image {index} ({upload.name}): {image.reason}", image=index)
+        raise ApiError(422, "invalid_image", image.reason)
     return image

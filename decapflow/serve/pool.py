@@ -40,22 +40,24 @@ class CaptionerPool:
         self.loads = 0  # captioners built: first loads, new bank versions, new current decoders
 
     # ------------------------------------------------------------------ lookups
-    def bank(self, name: str) -> MemoryBank:
-        """The loaded bank ``name`` at its latest version (opened on first use; raises UnknownBank)."""
+    def bank(self, name: str, latest: bool = True) -> MemoryBank:
+        """The loaded bank ``name`` (opened on first use; raises UnknownBank), moved to its latest version
+        unless ``latest`` is False."""
         with self._lock:
             bank = self._banks.get(name)
             if bank is None:
                 bank = self.registry.open(name)
                 self._banks[name] = bank
                 self._evict()
-            else:
+            elif latest:
                 bank.table.checkout_latest()
             self._banks.move_to_end(name)
             return bank
 
     def encoder(self, bank: str) -> Encoder:
-        """The CLIP encoder of ``bank`` (one per encoder spec and device, shared by all banks that use it)."""
-        return load_encoder(self.bank(bank).encoder, self.device)
+        """The CLIP encoder of ``bank`` (one per encoder spec and device, shared by all banks that use it).
+        A bank's encoder never changes, so this skips the version check."""
+        return load_encoder(self.bank(bank, latest=False).encoder, self.device)
 
     def decoder_folder(self, bank: str, decoder: str | None) -> Path:
         """A registered decoder by id (``ID`` or ``BANK/ID``; never a path), else the bank's current one."""
