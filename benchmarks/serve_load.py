@@ -5,9 +5,11 @@
 2. Baseline: the CLI's in-process path, one image at a time (read the PNG, ``Captioner.caption``), 1 thread:
    the time per image a server at concurrency 1 must stay within 1.5x of (p99).
 3. For ``--max-batch`` 32 and 1: start ``decapflow serve --threads 1`` on 127.0.0.1, then send ``--requests``
-   requests (one world scene PNG each, multipart) at each concurrency (1, 8, 32) with asyncio + httpx; record
+   requests (one world scene PNG each, multipart) at each concurrency (1, 8, 32) with asyncio + httpx (after 50
+   warm-up requests); record
    throughput, p50/p99 latency, errors and the batch sizes the server reports.
-4. Soak (``--soak-s``, 0 to skip): concurrency 8 against the batching server; its RSS at start and end.
+4. Soak (``--soak-s``, 0 to skip): concurrency 8 against the batching server; the RSS of the server process
+   and of its compute worker at start and end.
 
 Every request loop is bounded by ``--requests`` (or the soak's time) and sends only to 127.0.0.1.
 
@@ -183,11 +185,13 @@ def main() -> None:
                 results[max_batch, c] = asyncio.run(load(url, images, args.requests, c))
                 print(json.dumps({"max_batch": max_batch, "concurrency": c, **results[max_batch, c]}))
             if max_batch == 32 and args.soak_s > 0:
-                before = rss_mb(proc.pid)
+                worker = httpx.get(f"{url}/readyz").json()["worker"]["pid"]
+                before = rss_mb(proc.pid), rss_mb(worker)
                 soak = asyncio.run(load(url, images, 10**7, 8, seconds=args.soak_s))
-                after = rss_mb(proc.pid)
-                print(json.dumps({"soak": True, "concurrency": 8, **soak, "rss_start_mb": round(before, 1),
-                                  "rss_end_mb": round(after, 1)}))
+                after = rss_mb(proc.pid), rss_mb(worker)
+                print(json.dumps({"soak": True, "concurrency": 8, **soak,
+                                  "server_rss_mb": [round(before[0], 1), round(after[0], 1)],
+                                  "worker_rss_mb": [round(before[1], 1), round(after[1], 1)]}))
         finally:
             proc.terminate()
             proc.wait(30)

@@ -32,7 +32,6 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from decapflow import __version__
-from decapflow.captioner import Options
 from decapflow.decoder.checkpoint import current_meta
 from decapflow.memory import Registry
 from decapflow.serve import worker
@@ -245,5 +244,3 @@ def _result(upload: Upload, cap: dict[str, Any], version: int, decoder: str | No
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 2)
 
-
-__all__ = ["Options", "ServeSettings", "create_app", "ApiError"]
