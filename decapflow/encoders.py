@@ -32,14 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from decapflow.config import default_device
+from decapflow.errors import EncoderUnavailable  # noqa: F401  (raised here; importable from here)
 
 DEFAULT_ENCODER = "ViT-B-32:openai"
 WORLD_DIR = Path(__file__).resolve().parent.parent / "corpora" / "world"
 BUILTIN_SPECS = {"world": f"{WORLD_DIR / 'world-clip.json'}:{WORLD_DIR / 'world-clip.safetensors'}"}
-
-
-class EncoderUnavailable(RuntimeError):
-    """The encoder spec is malformed or its weights cannot be loaded (offline, missing file, unknown name)."""
 
 
 @dataclass(frozen=True)

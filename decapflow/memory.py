@@ -27,20 +27,15 @@ import numpy as np
 import pyarrow as pa
 
 from decapflow.config import cache_dir, store_uri
+from decapflow.errors import BankError, UnknownBank
+
+__all__ = ["BankError", "MemoryBank", "Registry", "SearchHit", "UnknownBank", "bank_schema", "check_name"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 META_ENCODER = b"decapflow.encoder"
 META_DIM = b"decapflow.dim"
 META_ID = b"decapflow.bank_id"
 META_CREATED = b"decapflow.created"
-
-
-class BankError(ValueError):
-    """A memory-bank operation cannot be done as asked (bad name, missing bank, encoder mismatch...)."""
-
-
-class UnknownBank(BankError):
-    """No bank of that name exists in the store."""
 
 
 def check_name(name: str) -> str:

@@ -8,22 +8,25 @@ Typical use::
     captions = model.decode_texts(prefix_vectors, vocab)
 """
 
-from decapflow.decoder.checkpoint import (
-    current_decoder,
-    export_official,
-    import_official,
-    list_decoders,
-    load_decoder,
-    register,
-    save_decoder,
-    set_current,
-)
-from decapflow.decoder.model import DeCapDecoder, DecoderConfig, build_decoder, list_configs, load_config
-from decapflow.decoder.train import TrainRecipe, TrainResult, train_decoder
-from decapflow.decoder.vocab import END_ID, START_ID, Vocab, tokenize
+from __future__ import annotations
 
-__all__ = [
-    "END_ID", "START_ID", "DeCapDecoder", "DecoderConfig", "TrainRecipe", "TrainResult", "Vocab",
-    "build_decoder", "current_decoder", "export_official", "import_official", "list_configs", "list_decoders",
-    "load_config", "load_decoder", "register", "save_decoder", "set_current", "tokenize", "train_decoder",
-]
+import importlib
+from typing import Any
+
+#: Where each public name lives; submodules load on first use, so ``decapflow.decoder.registry`` (no torch)
+#: can be imported without the model and training code.
+_HOME = {
+    "checkpoint": ("export_official", "import_official", "load_decoder", "register", "save_decoder"),
+    "registry": ("current_decoder", "list_decoders", "set_current"),
+    "model": ("DeCapDecoder", "DecoderConfig", "build_decoder", "list_configs", "load_config"),
+    "train": ("TrainRecipe", "TrainResult", "train_decoder"),
+    "vocab": ("END_ID", "START_ID", "Vocab", "tokenize"),
+}
+_WHERE = {name: module for module, names in _HOME.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'decapflow.decoder' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"decapflow.decoder.{_WHERE[name]}"), name)

@@ -32,7 +32,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from decapflow import __version__
-from decapflow.decoder.checkpoint import current_meta
+from decapflow.decoder.registry import current_meta
 from decapflow.memory import Registry
 from decapflow.serve import worker
 from decapflow.serve.batcher import MicroBatcher
@@ -130,7 +130,7 @@ def worker_context() -> multiprocessing.context.BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["decapflow.serve.worker", "open_clip"])
+    context.set_forkserver_preload(["decapflow.serve.worker", "decapflow.serve.pool", "open_clip"])
     return context
 
 

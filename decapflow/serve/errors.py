@@ -10,9 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from decapflow.decoder.checkpoint import NoDecoder, UnknownDecoder
-from decapflow.encoders import EncoderUnavailable
-from decapflow.memory import BankError, UnknownBank
+from decapflow.errors import BankError, EncoderUnavailable, NoDecoder, UnknownBank, UnknownDecoder
 from decapflow.serve.batcher import QueueFull
 
 log = logging.getLogger("decapflow.serve")

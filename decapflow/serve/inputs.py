@@ -13,7 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from decapflow.captioner import Options
 from decapflow.images import ImageFailure, load_image
 from decapflow.serve.errors import ApiError, describe_validation
 
@@ -33,9 +32,9 @@ class CaptionParams(BaseModel):
     max_len: int = Field(30, ge=1, le=76, description="Maximum caption tokens.")
     n_support: int = Field(3, ge=0, le=64, description="Supporting bank sentences returned per image.")
 
-    def options(self) -> Options:
-        return Options(strategy=self.strategy, tau=self.tau, k=self.k, beam=self.beam, max_len=self.max_len,
-                       n_support=self.n_support)
+    def options(self) -> tuple[tuple[str, Any], ...]:
+        """The captioning options as hashable (name, value) pairs: a batch key, and ``Options(**dict(...))``."""
+        return tuple(self.model_dump(exclude={"memory", "decoder"}).items())
 
 
 @dataclass

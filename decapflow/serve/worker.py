@@ -5,7 +5,8 @@ process it would hold the GIL that the HTTP side needs for every request; measur
 bank, that halved batched throughput. In its own process the worker uses one core and the event loop another.
 A worker that dies (out of memory, a crash in native code) is replaced by the server on the next call.
 
-Functions here run in the worker; each server's state is keyed by ``server_id`` so tests may run several.
+Functions here run in the worker; each server's state is keyed by ``server_id`` so tests may run several. The
+models' code (torch, open_clip) is imported in the worker only: the HTTP process stays small.
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from decapflow.captioner import Options
 from decapflow.serve.errors import ApiError
 from decapflow.serve.inputs import Upload, decode_upload
-from decapflow.serve.pool import CaptionerPool
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,7 @@ class WorkerSettings:
 
 @dataclass
 class _State:
-    pool: CaptionerPool
+    pool: Any  # CaptionerPool
     max_pixels: int
 
 
@@ -41,6 +40,8 @@ _STATES: dict[str, _State] = {}
 
 def init(server_id: str, settings: WorkerSettings) -> None:
     """The worker's initializer: environment as the server's, torch threads, an empty pool."""
+    from decapflow.serve.pool import CaptionerPool
+
     os.environ.update(dict(settings.env))
     if settings.threads:
         import torch
@@ -50,14 +51,17 @@ def init(server_id: str, settings: WorkerSettings) -> None:
                                 settings.max_pixels)
 
 
-def run_batch(server_id: str, key: tuple[str, str | None, Options], uploads: list[Upload]
+def run_batch(server_id: str, key: tuple[str, str | None, tuple[tuple[str, Any], ...]], uploads: list[Upload]
               ) -> tuple[list[Any], dict[str, Any]]:
     """Decode, encode, project and decode text for one batch with the bank's freshest captioner.
 
     Returns one entry per upload (``(caption dict, bank version, decoder id)``, or the ApiError of an image
     that could not be read, which fails that request alone) and :func:`status`."""
+    from decapflow.captioner import Options
+
     state = _STATES[server_id]
-    bank, decoder, options = key
+    bank, decoder, values = key
+    options = Options(**dict(values))
     captioner = state.pool.captioner(bank, decoder, needs_decoder=options.strategy != "clipre")
     results: list[Any] = []
     pixels = []
