@@ -70,6 +70,8 @@ class Server:
     """What the routes share: the compute worker (a process holding the models), the batcher, metrics."""
 
     def __init__(self, settings: ServeSettings) -> None:
+        if settings.compute not in ("process", "thread"):
+            raise ValueError(f"compute must be 'process' or 'thread', not {settings.compute!r}")
         self.settings = settings
         self.id = uuid.uuid4().hex
         env = tuple((k, v) for k, v in os.environ.items() if k in WORKER_ENV)
