@@ -351,3 +351,10 @@ def test_a_dead_worker_is_replaced_and_the_server_goes_on(home: Path, serve_app)
     again = post_files(url, [("a.png", png())])
     assert again.status_code == 200, again.text
     assert httpx.get(f"{url}/readyz").json()["worker"]["pid"] not in (pid, None)
+
+
+def test_a_full_queue_answers_503_overloaded(home: Path, serve_app) -> None:
+    url = serve_app(max_queue=2)
+    refused = post_files(url, [(f"{i}.png", png()) for i in range(3)])
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
+    assert post_files(url, [("a.png", png()), ("b.png", png())]).status_code == 200
