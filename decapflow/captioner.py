@@ -54,11 +54,7 @@ class Captioner:
     def __init__(self, encoder: Encoder, bank: MemoryBank, decoder: DeCapDecoder | None, vocab: Vocab | None,
                  options: Options | None = None) -> None:
         self.encoder, self.bank, self.decoder, self.vocab = encoder, bank, decoder, vocab
-        self.options = options or Options()
-        if self.options.strategy not in projection.STRATEGIES:
-            raise ValueError(f"unknown strategy {self.options.strategy!r}; choose from {projection.STRATEGIES}")
-        if decoder is None and self.options.strategy != "clipre":
-            raise ValueError(f"strategy {self.options.strategy!r} needs a decoder")
+        self.options = self._checked(options or Options())
         if decoder is not None and decoder.config.prefix_dim != bank.dim:
             raise BankError(f"decoder expects {decoder.config.prefix_dim}-d prefixes, bank {bank.name!r} is "
                             f"{bank.dim}-d")
@@ -83,13 +79,16 @@ class Captioner:
 
     def with_options(self, options: Options) -> Captioner:
         """The same loaded bank, encoder and decoder with other options (nothing is copied or reloaded)."""
+        other = copy.copy(self)
+        other.options = self._checked(options)
+        return other
+
+    def _checked(self, options: Options) -> Options:
         if options.strategy not in projection.STRATEGIES:
             raise ValueError(f"unknown strategy {options.strategy!r}; choose from {projection.STRATEGIES}")
         if self.decoder is None and options.strategy != "clipre":
             raise ValueError(f"strategy {options.strategy!r} needs a decoder")
-        other = copy.copy(self)
-        other.options = options
-        return other
+        return options
 
     @property
     def decoder_id(self) -> str | None:
@@ -159,16 +158,18 @@ def check_decoder_encoder(meta: dict[str, Any], folder: Path, bank: MemoryBank) 
                         f"bank {bank.name!r} holds {bank.encoder!r}")
 
 
-def resolve_decoder(bank: str, decoder: str | None) -> Path:
-    """A decoder folder: ``decoder`` as a checkpoint folder or a registered id (``ID`` or ``BANK/ID``, see
-    :func:`find_decoder`), else the bank's current one."""
+def resolve_decoder(bank: str, decoder: str | None, allow_paths: bool = True) -> Path:
+    """A decoder folder: ``decoder`` as a checkpoint folder (when ``allow_paths``; a server does not take paths
+    from its clients) or a registered id (``ID`` or ``BANK/ID``, see :func:`find_decoder`), else the bank's
+    current one."""
     if decoder:
-        if (Path(decoder) / "model.safetensors").is_file():
+        if allow_paths and (Path(decoder) / "model.safetensors").is_file():
             return Path(decoder)
         return find_decoder(decoder, bank)
     folder = current_decoder(bank)
     if folder is None:
-        raise NoDecoder(f"bank {bank!r} has no decoder yet; train one with: decapflow train --memory {bank}")
+        raise NoDecoder(f"bank {bank!r} has no decoder yet; train one with: decapflow train --memory {bank}, "
+                        f"or use strategy 'clipre'")
     return folder
 
 

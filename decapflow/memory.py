@@ -133,6 +133,11 @@ class MemoryBank:
         last = self.table.list_versions()[-1]["metadata"]
         return int(last["total_files_size"]) if "total_files_size" in last else None
 
+    def summary(self) -> dict[str, Any]:
+        """One line's worth: name, rows, encoder, dim, version (``memory list``)."""
+        return {"name": self.name, "rows": len(self), "encoder": self.encoder, "dim": self.dim,
+                "version": self.version}
+
     def describe(self) -> dict[str, Any]:
         versions = self.versions()
         return {

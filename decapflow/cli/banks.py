@@ -115,9 +115,7 @@ def memory_list(store: str | None, as_json: bool) -> None:
     from decapflow.memory import Registry
 
     registry = Registry(store)
-    banks = [registry.open(name) for name in registry.names()]
-    rows = [{"name": b.name, "rows": len(b), "encoder": b.encoder, "dim": b.dim, "version": b.version}
-            for b in banks]
+    rows = [registry.open(name).summary() for name in registry.names()]
     if as_json:
         echo_json(rows)
     elif not rows:

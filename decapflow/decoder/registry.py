@@ -19,13 +19,12 @@ from decapflow.errors import NoDecoder, UnknownDecoder
 __all__ = ["NoDecoder", "UnknownDecoder", "current_decoder", "current_meta", "decoders_dir", "find_decoder",
            "list_decoders", "set_current"]
 
-_BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_DECODER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a bank folder or a decoder id: one path component
 
 
 def decoders_dir(bank: str) -> Path:
     """``<home>/decoders/<bank>`` (not created)."""
-    if not _BANK_NAME.match(bank):
+    if not _NAME.match(bank):
         raise ValueError(f"invalid bank name {bank!r}: use letters, digits, '.', '_' and '-'")
     return home() / "decoders" / bank
 
@@ -64,7 +63,7 @@ def find_decoder(decoder: str, bank: str) -> Path:
     """The folder of a registered decoder named by id: ``ID`` (``bank``'s own first, then any bank's) or
     ``OTHER_BANK/ID``. Names only, never paths, so a server can take them from its clients."""
     owner, _, decoder_id = decoder.rpartition("/")
-    if not _DECODER_ID.match(decoder_id) or (owner and not _BANK_NAME.match(owner)):
+    if not _NAME.match(decoder_id) or (owner and not _NAME.match(owner)):
         raise UnknownDecoder(f"invalid decoder id {decoder!r}: use ID or BANK/ID (see: decapflow decoder list BANK)")
     root = home() / "decoders"
     banks = [owner] if owner else [bank, *sorted(p.name for p in root.glob("*") if p.name != bank)]

@@ -225,13 +225,8 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
 
 def _list_banks(store: str | None) -> list[dict[str, Any]]:
     registry = Registry(store)
-    rows = []
-    for name in registry.names():
-        b = registry.open(name)
-        meta = current_meta(name)
-        rows.append({"name": name, "rows": len(b), "encoder": b.encoder, "dim": b.dim, "version": b.version,
-                     "decoder": meta["id"] if meta else None})
-    return rows
+    return [{**registry.open(name).summary(), "decoder": (current_meta(name) or {}).get("id")}
+            for name in registry.names()]
 
 
 def _result(upload: Upload, cap: dict[str, Any], version: int, decoder: str | None, info: Any) -> dict[str, Any]:

@@ -14,9 +14,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from decapflow.captioner import Captioner, Options, check_decoder_encoder
+from decapflow.captioner import Captioner, Options, check_decoder_encoder, resolve_decoder
 from decapflow.config import default_device
-from decapflow.decoder.checkpoint import NoDecoder, current_decoder, find_decoder, load_decoder
+from decapflow.decoder.checkpoint import current_decoder, load_decoder
 from decapflow.encoders import Encoder, load_encoder
 from decapflow.memory import MemoryBank, Registry
 
@@ -59,21 +59,11 @@ class CaptionerPool:
         A bank's encoder never changes, so this skips the version check."""
         return load_encoder(self.bank(bank, latest=False).encoder, self.device)
 
-    def decoder_folder(self, bank: str, decoder: str | None) -> Path:
-        """A registered decoder by id (``ID`` or ``BANK/ID``; never a path), else the bank's current one."""
-        if decoder:
-            return find_decoder(decoder, bank)
-        folder = current_decoder(bank)
-        if folder is None:
-            raise NoDecoder(f"bank {bank!r} has no decoder yet; train one with: decapflow train --memory {bank}, "
-                            f"or use strategy 'clipre'")
-        return folder
-
     def captioner(self, bank_name: str, decoder: str | None = None, needs_decoder: bool = True) -> Captioner:
         """The captioner for ``bank_name`` with ``decoder`` (default: the bank's current one), fresh."""
         with self._lock:
             bank = self.bank(bank_name)
-            folder = self.decoder_folder(bank_name, decoder) if needs_decoder else None
+            folder = resolve_decoder(bank_name, decoder, allow_paths=False) if needs_decoder else None
             key = (bank_name, folder)
             cached = self._captioners.get(key)
             if cached is not None and cached.bank_version == bank.version:
@@ -103,11 +93,9 @@ class CaptionerPool:
                     for (b, _), c in self._captioners.items()]
 
     def preload(self, banks: list[str]) -> None:
-        """Load each bank with its current decoder (or bank alone when it has none yet) and its encoder."""
+        """Load each bank with its encoder and its current decoder (the bank alone when it has none yet)."""
         for name in banks:
-            bank = self.bank(name)
             self.captioner(name, needs_decoder=current_decoder(name) is not None)
-            load_encoder(bank.encoder, self.device)
 
     # ------------------------------------------------------------------ internals
     def _decoder(self, folder: Path) -> tuple[Any, Any, dict[str, Any]]:
