@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -33,6 +32,7 @@ from tqdm import tqdm
 
 from decapflow.config import cache_dir, default_device
 from decapflow.decoder.checkpoint import load_decoder, replace_dir, write_decoder_files
+from decapflow.decoder.distributed import Dist
 from decapflow.decoder.model import DeCapDecoder, DecoderConfig, load_config
 from decapflow.decoder.vocab import Captions, Vocab, prepare, texts_key
 
@@ -139,47 +139,6 @@ def token_loss(model: torch.nn.Module, prefix: torch.Tensor, inputs: torch.Tenso
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
                            label_smoothing=label_smoothing)
     return loss, logits
-
-
-# ------------------------------------------------------------------------------------------- distributed
-@dataclass
-class Dist:
-    world: int = 1
-    rank: int = 0
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> Dist:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        return cls(world, int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def setup(self, device: str) -> torch.device:
-        if self.world == 1:
-            return torch.device(device)
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        if device.startswith("cuda"):
-            torch.cuda.set_device(self.local_rank)
-            return torch.device("cuda", self.local_rank)
-        return torch.device(device)
-
-    def sum(self, *values: float) -> list[float]:
-        if self.world == 1:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64,
-                         device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
-        torch.distributed.all_reduce(t)
-        return t.tolist()
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
 
 
 # ------------------------------------------------------------------------------------------- the loop
