@@ -42,9 +42,10 @@ sys.path.insert(0, str(ROOT))
 def ensure_world(steps: int) -> str:
     """Bank ``world`` and a current decoder for it in ``$DECAPFLOW_HOME``; returns the decoder id."""
     from decapflow.decoder.checkpoint import current_meta
-    from decapflow.decoder.train import TrainRecipe, train_from_bank
+    from decapflow.decoder.train import TrainRecipe
     from decapflow.encoders import WORLD_DIR
     from decapflow.ingest import run_ingest
+    from decapflow.training import train_from_bank
 
     run_ingest(WORLD_DIR / "corpus.txt.gz", "world", "world", progress=False)
     meta = current_meta("world")

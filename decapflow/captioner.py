@@ -70,7 +70,7 @@ class Captioner:
         options = options or Options()
         model = vocab = folder = None
         if options.strategy != "clipre":
-            folder = resolve_decoder(name, decoder)
+            folder = resolve_decoder(name, decoder, store=store)
             model, vocab, meta = load_decoder(folder, device or "cpu")
             check_decoder_encoder(meta, folder, bank)
         captioner = cls(load_encoder(bank.encoder, device), bank, model, vocab, options)
@@ -158,15 +158,15 @@ def check_decoder_encoder(meta: dict[str, Any], folder: Path, bank: MemoryBank) 
                         f"bank {bank.name!r} holds {bank.encoder!r}")
 
 
-def resolve_decoder(bank: str, decoder: str | None, allow_paths: bool = True) -> Path:
+def resolve_decoder(bank: str, decoder: str | None, allow_paths: bool = True, store: Any = None) -> Path:
     """A decoder folder: ``decoder`` as a checkpoint folder (when ``allow_paths``; a server does not take paths
     from its clients) or a registered id (``ID`` or ``BANK/ID``, see :func:`find_decoder`), else the bank's
     current one."""
     if decoder:
         if allow_paths and (Path(decoder) / "model.safetensors").is_file():
             return Path(decoder)
-        return find_decoder(decoder, bank)
-    folder = current_decoder(bank)
+        return find_decoder(decoder, bank, store)
+    folder = current_decoder(bank, store)
     if folder is None:
         raise NoDecoder(f"bank {bank!r} has no decoder yet; train one with: decapflow train --memory {bank}, "
                         f"or use strategy 'clipre'")

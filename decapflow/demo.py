@@ -83,8 +83,9 @@ def novel_corpus(path: Path, test_folder: Path) -> Path:
 def _decoder_for(bank: str, settings: DemoSettings, log: Callable[[str], None]) -> str:
     """The bank's current decoder when it fits this bank version and recipe, else a freshly trained one."""
     from decapflow.decoder.checkpoint import current_meta
-    from decapflow.decoder.train import TrainRecipe, train_from_bank
+    from decapflow.decoder.train import TrainRecipe
     from decapflow.memory import Registry
+    from decapflow.training import train_from_bank
 
     recipe = TrainRecipe(epochs=settings.epochs, max_steps=settings.max_steps, num_threads=settings.threads,
                          **({"lr": settings.lr} if settings.lr else {}))

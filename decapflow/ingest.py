@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from decapflow.corpus import CorpusStats, Sentence, batched, read_sentences
+from decapflow import events
+from decapflow.corpus import CorpusStats, Sentence, batched, check_text, detect_format, read_sentences
 from decapflow.encoders import DEFAULT_ENCODER, Encoder, load_encoder
 from decapflow.memory import MemoryBank, Registry, check_name
 
@@ -36,6 +37,8 @@ class IngestReport:
     corpus: dict[str, Any] = field(default_factory=dict)
     truncated: int = 0
     written: int = 0
+    concurrent: int = 0  # new when read, but stored by another writer before this one wrote them
+    event: bool = False  # a decapflow.bank.updated event went to a Prefect server
     chunks: int = 0
     version: int = 0
     rows: int = 0
@@ -57,7 +60,8 @@ class IngestReport:
             f"bank {self.bank!r}: read {c.get('read', 0)}, empty {c.get('empty', 0)}, "
             f"duplicates {c.get('duplicates', 0)}, already stored {c.get('already_stored', 0)}, "
             f"invalid {c.get('invalid', 0)}, invalid UTF-8 {c.get('invalid_utf8', 0)}, "
-            f"truncated {self.truncated}, written {self.written} in {self.seconds:.1f} s ({rate:,.0f} sentences/s); "
+            f"truncated {self.truncated}, written {self.written} in {self.seconds:.1f} s ({rate:,.0f} sentences/s)"
+            + (f", {self.concurrent} stored meanwhile by another writer" if self.concurrent else "") + "; "
             f"bank now {self.rows} rows, version {self.version}"
             + self._problem_lines()
         )
@@ -135,6 +139,9 @@ def run_ingest(
         raise FileNotFoundError(f"corpus {str(path)!r} does not exist")
     start = time.perf_counter()
     name = bank_name_for(path, memory)
+    check_text(path, fmt)  # a binary file is refused before the bank is created or opened
+    if fmt is None:
+        detect_format(path)  # so is a file of unknown format
     bank, enc = open_bank(name, encoder, store, device)
     report = IngestReport(bank=name, encoder=bank.encoder, source=path.name)
     stats = CorpusStats()
@@ -143,7 +150,9 @@ def run_ingest(
     try:
         for chunk in read_chunks(path, bank.hashes(), stats, chunk_size, fmt, field, errors):
             vectors, truncated = embed(enc, chunk, batch_size)
-            report.written += write(bank, chunk, vectors, added_at)
+            written = write(bank, chunk, vectors, added_at)
+            report.written += written
+            report.concurrent += len(chunk) - written
             report.truncated += truncated
             report.chunks += 1
             if bar is not None:
@@ -154,6 +163,8 @@ def run_ingest(
     report.corpus = stats.to_dict()
     report.version, report.rows = bank.version, len(bank)
     report.seconds = time.perf_counter() - start
+    if report.written:
+        report.event = events.bank_updated(name, report.written, report.version, report.rows, path.name)
     return report
 
 

@@ -10,7 +10,10 @@ to be converted back on every use. The cost is 2 KB/row at 512 dimensions (1M se
 
 The encoder spec and vector size live in the table's schema metadata, so a bank refuses vectors of another encoder.
 Each write is one LanceDB commit (a version): a killed ingest leaves whole chunks, and re-running it skips the
-sentences already stored (by content hash). Writers are assumed one at a time per bank.
+sentences already stored (by content hash). Writers take the bank's lock in the store (:meth:`Store.lock`) for each
+chunk and insert only hashes the bank does not hold yet (a ``merge_insert`` on ``hash``), so concurrent ingests of
+overlapping corpora end with each distinct sentence once. (LanceDB alone does not ensure that: two concurrent
+insert-only merges of the same keys both commit, measured.)
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from decapflow.config import cache_dir, store_uri
+from decapflow.config import cache_dir
 from decapflow.errors import BankError, UnknownBank
+from decapflow.store import Store, get_store
 
 __all__ = ["BankError", "MemoryBank", "Registry", "SearchHit", "UnknownBank", "bank_schema", "check_name"]
 
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # names starting with '_' are the store's own tables
 META_ENCODER = b"decapflow.encoder"
 META_DIM = b"decapflow.dim"
 META_ID = b"decapflow.bank_id"
@@ -39,9 +43,11 @@ META_CREATED = b"decapflow.created"
 
 
 def check_name(name: str) -> str:
-    """Bank names: 1-64 letters, digits, '-' or '_' (they become table and folder names)."""
+    """Bank names: 1-64 letters, digits, '-' or '_', starting with a letter or digit (they become table and
+    folder names)."""
     if not _NAME.match(name or ""):
-        raise BankError(f"invalid bank name {name!r}: use 1-64 letters, digits, '-' or '_'")
+        raise BankError(f"invalid bank name {name!r}: use 1-64 letters, digits, '-' or '_', starting with a letter "
+                        f"or digit")
     return name
 
 
@@ -74,9 +80,10 @@ class SearchHit:
 class MemoryBank:
     """One bank: a LanceDB table plus what its metadata says (encoder spec, dimension)."""
 
-    def __init__(self, name: str, table: Any) -> None:
+    def __init__(self, name: str, table: Any, store: Store | None = None) -> None:
         self.name = name
         self.table = table
+        self.store = store  # where the bank's write lock lives (None: an unlocked table, for tests)
         meta = table.schema.metadata or {}
         if META_ENCODER not in meta:
             raise BankError(f"table {name!r} is not a decapflow memory bank (no encoder in its metadata)")
@@ -89,6 +96,16 @@ class MemoryBank:
     @property
     def version(self) -> int:
         return int(self.table.version)
+
+    def at(self, version: int | None = None) -> MemoryBank:
+        """This bank pinned at ``version`` (default: the newest now), read-only: later writes do not show, so a
+        training run or a gate reads one consistent set of rows."""
+        table = self.store.db.open_table(self.name) if self.store else self.table
+        if version is None:
+            table.checkout_latest()
+            version = int(table.version)
+        table.checkout(version)
+        return MemoryBank(self.name, table, self.store)
 
     def __len__(self) -> int:
         return int(self.table.count_rows())
@@ -226,7 +243,8 @@ class MemoryBank:
     # ------------------------------------------------------------ writing
     def add(self, hashes: Sequence[str], texts: Sequence[str], vectors: np.ndarray, source: str,
             added_at: datetime) -> int:
-        """Append rows in one commit (one LanceDB version). Returns rows written."""
+        """Add the rows whose hash the bank does not hold yet, in one commit (one LanceDB version), under the
+        bank's write lock. Returns rows written."""
         if len(hashes) == 0:
             return 0
         if vectors.shape != (len(hashes), self.dim):
@@ -242,8 +260,13 @@ class MemoryBank:
             },
             schema=self.table.schema,
         )
-        self.table.add(batch)
-        return len(hashes)
+        if self.store is None:
+            self.table.add(batch)
+            return len(hashes)
+        with self.store.lock(f"bank-{self.name}"):
+            self.table.checkout_latest()  # the join must see what other writers committed
+            result = self.table.merge_insert("hash").when_not_matched_insert_all().execute(batch)
+        return int(result.num_inserted_rows)
 
     def export(self, path: Path) -> int:
         """Write text, hash, source (and vectors for .parquet) to ``.jsonl``, ``.txt`` or ``.parquet``."""
@@ -268,13 +291,12 @@ class MemoryBank:
 
 
 class Registry:
-    """The memory banks of one LanceDB database (default: ``<DECAPFLOW_HOME>/banks``)."""
+    """The memory banks of one store (default: ``$DECAPFLOW_STORE``, else ``<DECAPFLOW_HOME>/banks``)."""
 
-    def __init__(self, uri: str | None = None) -> None:
-        import lancedb
-
-        self.uri = store_uri(uri)
-        self.db = lancedb.connect(self.uri)
+    def __init__(self, uri: Store | str | None = None) -> None:
+        self.store = get_store(uri)
+        self.uri = self.store.uri
+        self.db = self.store.db
 
     def names(self) -> list[str]:
         names: list[str] = []
@@ -284,7 +306,7 @@ class Registry:
             names += page.tables
             token = page.page_token
             if not token:
-                return sorted(names)
+                return sorted(n for n in names if not n.startswith("_"))  # '_...': the store's own tables
 
     def exists(self, name: str) -> bool:
         return check_name(name) in self.names()
@@ -294,12 +316,20 @@ class Registry:
             known = ", ".join(self.names()) or "none yet"
             raise UnknownBank(f"no memory bank named {name!r} in {self.uri} (banks: {known}); "
                             f"create one with: decapflow ingest CORPUS --memory {name}")
-        return MemoryBank(name, self.db.open_table(name))
+        return MemoryBank(name, self.db.open_table(name), self.store)
 
     def create(self, name: str, encoder: str, dim: int) -> MemoryBank:
         if self.exists(name):
             raise BankError(f"memory bank {name!r} already exists")
-        return MemoryBank(name, self.db.create_table(name, schema=bank_schema(dim, encoder)))
+        try:
+            table = self.db.create_table(name, schema=bank_schema(dim, encoder))
+        except (OSError, ValueError, RuntimeError):
+            if not self.exists(name):
+                raise
+            bank = self.open(name)  # created by a concurrent ingest a moment ago
+            bank.check_encoder(encoder, dim)
+            return bank
+        return MemoryBank(name, table, self.store)
 
     def open_or_create(self, name: str, encoder: str, dim: int) -> MemoryBank:
         """Open ``name`` (checking it was built with ``encoder``) or create it empty."""

@@ -67,13 +67,15 @@ def test_registry_lists_and_switches_current(tmp_path: Path, decoder, decapflow_
     second = register("coco", model, vocab, {"encoder": "e"}, make_current=False)
     assert first != second and len(first.split("-")) == 3
     rows = list_decoders("coco")
-    assert [r["id"] for r in rows] == sorted([first, second])
-    assert {r["id"]: r["current"] for r in rows} == {first: True, second: False}
+    assert [r["id"] for r in rows] == [first, second]  # in the order registered
+    assert {r["id"]: (r["current"], r["status"]) for r in rows} == {first: (True, "promoted"),
+                                                                    second: (False, "challenger")}
     assert all(r["bank"] == "coco" and r["encoder"] == "e" for r in rows)
-    assert current_decoder("coco") == decapflow_home / "decoders" / "coco" / first
+    # The files live in the store, beside the banks.
+    assert current_decoder("coco") == decapflow_home / "banks" / "_decoders" / "coco" / first
+    assert load_decoder(current_decoder("coco"))[2]["encoder"] == "e"
     set_current("coco", second)
     assert current_decoder("coco").name == second
-    assert (decapflow_home / "decoders" / "coco" / "current").read_text().strip() == second
     with pytest.raises(ValueError, match="no decoder"):
         set_current("coco", "nope")
     with pytest.raises(ValueError, match="invalid bank name"):

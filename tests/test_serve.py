@@ -14,7 +14,14 @@ import pytest
 from PIL import Image
 
 from decapflow.captioner import Captioner, Options, caption_paths
-from decapflow.decoder.checkpoint import current_meta, list_decoders, load_decoder, register, set_current
+from decapflow.decoder.checkpoint import (
+    current_decoder,
+    current_meta,
+    list_decoders,
+    load_decoder,
+    register,
+    set_current,
+)
 from decapflow.images import collect_paths
 from decapflow.ingest import run_ingest
 from decapflow.memory import Registry
@@ -227,7 +234,7 @@ def test_hot_reload_of_decoder_and_bank_version_fails_no_request(trained_home: P
     shutil.copytree(trained_home, home)
     monkeypatch.setenv("DECAPFLOW_HOME", str(home))
     old = current_meta("shapes")["id"]
-    model, vocab, meta = load_decoder(home / "decoders" / "shapes" / old)
+    model, vocab, meta = load_decoder(current_decoder("shapes"))
     with __import__("torch").no_grad():
         model.prefix_proj.bias.add_(0.01)  # another decoder: same vocabulary, different weights
     new = register("shapes", model, vocab, meta, make_current=False)

@@ -72,4 +72,4 @@ def test_import_official_checkpoint_and_switch(bank: str, tmp_path: Path, tiny_e
     with torch.no_grad():
         torch.testing.assert_close(loaded(prefix, ids), model(prefix, ids))
     bad = invoke("decoder", "use", bank, "nope")
-    assert bad.exit_code == 1 and "no decoder 'nope'" in bad.output
+    assert bad.exit_code == 1 and "no decoder 'animals/nope'" in bad.output

@@ -81,7 +81,7 @@ def _ingest_in_process(path: str, **kwargs: Any) -> dict[str, Any]:
 
 
 def _train_in_process(**kwargs: Any) -> dict[str, Any]:
-    from decapflow.decoder.train import train_bank
+    from decapflow.training import train_bank
 
     return train_bank(**kwargs)
 
@@ -197,3 +197,46 @@ def memory_rm(name: str, yes: bool, store: str | None) -> None:
     registry.delete(name)
     click.echo(f"deleted bank {name!r}")
 
+
+
+@memory.command("eval-set")
+@click.argument("name")
+@click.option("--annotations", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A COCO caption file (or Karpathy split file) of images to score decoders on.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The folder holding the annotated images (they are copied into the store).")
+@click.option("--split", help="With a Karpathy file: the split to use (test, val, ...).")
+@store_option
+@json_option
+def memory_eval_set(name: str, annotations: Path | None, images: Path | None, split: str | None,
+                    store: str | None, as_json: bool) -> None:
+    """Show bank NAME's evaluation sets, or add an annotated image set that gates its decoders.
+
+    Every bank has a text set (held-out sentences, chosen when its first decoder is trained); with --annotations
+    and --images the decoders are also scored by captioning those images with projection decoding (CIDEr), and
+    the gate uses that score (decapflow train --gate, the retraining flows).
+
+    \b
+    Examples: decapflow memory eval-set coco
+              decapflow memory eval-set coco --annotations captions_val2014.json --images val2014/
+    """
+    from decapflow.gate import add_image_eval_set, eval_sets, text_eval_set
+    from decapflow.memory import Registry
+
+    bank = Registry(store).open(name)
+    if bool(annotations) != bool(images):
+        raise click.UsageError("--annotations and --images go together")
+    if annotations and images:
+        added = add_image_eval_set(bank, annotations, images, store, split)
+        click.echo(f"bank {name!r}: added image evaluation set {added.id} ({added.info['images']} images, "
+                   f"{added.info['captions']} captions)", err=as_json)
+    else:
+        text_eval_set(bank, store)
+    sets = [s.describe() for s in eval_sets(name, store)]
+    if as_json:
+        echo_json(sets)
+        return
+    for s in sets:
+        what = f"{s['size']} held-out sentences" if s["held_out"] else f"{s['size']} bank sentences (not held out)"
+        click.echo(f"{s['id']:<28} {s['kind']:<7} {what if s['kind'] == 'text' else str(s['size']) + ' images'}  "
+                   f"created {s['created']} at bank v{s['bank_version']}")

@@ -1,4 +1,4 @@
-"""Commands for decoders: ``train`` and ``decoder list|use|import``."""
+"""Commands for decoders: ``train`` and ``decoder list|promote|rollback|prune|import``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import click
 
 from decapflow.cli.banks import run_maybe_in_prefect
 from decapflow.cli.base import Group, echo_json, json_option, main, store_option
+
+GATE_METRICS = ("text.cider", "text.bleu4", "text.exact", "images.cider")  # decapflow.gate.METRICS (no torch here)
+SHOWN = ("cider", "bleu4", "exact")
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -28,22 +31,34 @@ from decapflow.cli.base import Group, echo_json, json_option, main, store_option
 @click.option("--threads", type=int, help="CPU threads for torch (on 2 busy cores 1 can beat 2).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same data: same decoder.")
 @click.option("--resume", is_flag=True, help="Continue the bank's latest training run from its last epoch.")
+@click.option("--gate", is_flag=True,
+              help="Make the new decoder current only if it beats the current one on the bank's evaluation set "
+                   "(by --margin); otherwise it is kept as 'rejected'. Without --gate it becomes current anyway.")
+@click.option("--metric", type=click.Choice(["auto", *GATE_METRICS]), default="auto", show_default=True,
+              help="Gate metric. auto: images.cider when the bank has an image evaluation set, else text.cider "
+                   "(held-out sentences rebuilt from their own embeddings).")
+@click.option("--margin", type=float, default=0.0, show_default=True,
+              help="How much the new decoder must beat the current one by on --metric.")
 @click.option("--prefect", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Run as a Prefect flow: 'auto' when PREFECT_API_URL answers, 'on' always, 'off' never.")
 @store_option
 @json_option
 def train(memory: str, config: str, epochs: int | None, max_steps: int | None, batch_size: int | None,
           lr: float | None, paper: bool, noise: float, device: str | None, threads: int | None, seed: int,
-          resume: bool, prefect: str, store: str | None, as_json: bool) -> None:
-    """Train a DeCap decoder on a memory bank, text only, and make it the bank's current decoder.
+          resume: bool, gate: bool, metric: str, margin: float, prefect: str, store: str | None,
+          as_json: bool) -> None:
+    """Train a DeCap decoder on a memory bank, text only, and make it the bank's current decoder (with --gate:
+    only if it is better than the current one).
 
     The decoder learns to rebuild each sentence from its stored CLIP embedding (no CLIP needed). Defaults suit
     a CPU and a bank of ~20k short sentences (decap-small, lr 1e-3, early stopping: minutes); for COCO-sized
     banks on a GPU use --config decap-base --paper. Per-epoch metrics (JSON lines), a loss plot and
-    checkpoints go to $DECAPFLOW_HOME/runs/BANK/.
+    checkpoints go to $DECAPFLOW_HOME/runs/BANK/. The bank's evaluation sentences are held out; the new decoder
+    is scored on them either way, and the scores are kept (decapflow decoder list BANK).
 
     \b
-    Example:  decapflow train --memory world --epochs 5
+    Examples: decapflow train --memory world --epochs 5
+              decapflow train --memory world --gate --margin 0.01
     """
     from decapflow.decoder.train import TrainRecipe
 
@@ -52,14 +67,18 @@ def train(memory: str, config: str, epochs: int | None, max_steps: int | None, b
                                    "device": device, "num_threads": threads}.items() if v is not None}
     recipe = {**base.to_dict(), **overrides, "seed": seed, "noise_std": noise}
     result, overhead = run_maybe_in_prefect("train", prefect, bank=memory, config=config, recipe=recipe,
-                                            store=store, resume=resume, progress=not as_json)
+                                            store=store, resume=resume, progress=not as_json, gate=gate,
+                                            metric=metric, margin=margin)
     if as_json:
         echo_json({**result, "prefect_seconds": overhead})
         return
     last = result["history"][-1] if result["history"] else {}
-    click.echo(f"decoder {result['decoder']} is now current for bank {memory!r}: best epoch {result['best_epoch']}, "
+    click.echo(f"trained decoder {result['decoder']} on bank {memory!r}: best epoch {result['best_epoch']}, "
                f"val loss {result['best_val_loss']:.3f}, val token accuracy {last.get('val_acc', float('nan')):.3f}, "
-               f"{result['steps']} steps in {result['seconds']:.0f} s")
+               f"{result['steps']} steps in {result['train_seconds']:.0f} s")
+    click.echo(result["summary"])
+    if result["pruned"]:
+        click.echo(f"deleted {len(result['pruned'])} old rejected decoder(s): {', '.join(result['pruned'])}")
 
 
 @main.group(cls=Group)
@@ -69,33 +88,85 @@ def decoder() -> None:
 
 @decoder.command("list")
 @click.argument("memory")
+@store_option
 @json_option
-def decoder_list(memory: str, as_json: bool) -> None:
-    """The decoders trained or imported for bank MEMORY (the current one is marked *)."""
-    from decapflow.decoder.checkpoint import list_decoders
+def decoder_list(memory: str, store: str | None, as_json: bool) -> None:
+    """The decoders of bank MEMORY, in the order registered: status (* current), bank version trained on,
+    scores on the bank's evaluation sets, parent (the decoder current when it was trained) and recipe."""
+    from decapflow.decoder.registry import list_decoders
 
-    rows = list_decoders(memory)
+    rows = list_decoders(memory, store)
     if as_json:
         echo_json(rows)
         return
     if not rows:
         click.echo(f"bank {memory!r} has no decoder yet; train one with: decapflow train --memory {memory}")
     for r in rows:
-        metrics = r.get("metrics") or {}
-        loss = metrics.get("val_loss")
-        click.echo(f"{'*' if r['current'] else ' '} {r['id']}  bank v{r.get('bank_version', '?')}  "
-                   f"{r.get('config', r.get('source', ''))}  val loss {loss if loss is None else round(loss, 3)}")
+        recipe = r.get("recipe") or {}
+        scores = "  ".join(f"{set_id}: " + " ".join(f"{k} {v:.3f}" for k, v in s.items() if k in SHOWN)
+                           for set_id, s in r["scores"].items()) or "not scored"
+        click.echo(f"{'*' if r['current'] else ' '} {r['id']}  {'current' if r['current'] else r['status']:<10}  "
+                   f"bank v{r.get('bank_version', '?')}  {r.get('config', r.get('source', ''))}  "
+                   f"parent {r['parent'] or '-'}  {scores}"
+                   + (f"  recipe lr {recipe.get('lr')} epochs {recipe.get('epochs')}" if recipe else ""))
 
 
-@decoder.command("use")
+def _bank_of(decoder_id: str, memory: str | None, store: str | None) -> tuple[str, str]:
+    from decapflow.decoder.registry import decoders
+
+    return decoders(store).find(f"{memory}/{decoder_id}" if memory and "/" not in decoder_id else decoder_id,
+                                memory or "")
+
+
+@decoder.command("promote")
+@click.argument("decoder_id")
+@click.option("--memory", "-m", help="The bank (needed only when the id is registered with several).")
+@store_option
+def decoder_promote(decoder_id: str, memory: str | None, store: str | None) -> None:
+    """Make DECODER_ID (an id, or BANK/ID) its bank's current decoder, by hand: no gate. The one it replaces
+    stays registered; decapflow decoder rollback BANK brings it back."""
+    from decapflow.decoder.registry import decoders
+
+    bank, found = _bank_of(decoder_id, memory, store)
+    decoders(store).set_current(bank, found, reason="promoted by hand")
+    click.echo(f"bank {bank!r} now captions with decoder {found}")
+
+
+@decoder.command("use", hidden=True)
 @click.argument("memory")
 @click.argument("decoder_id")
-def decoder_use(memory: str, decoder_id: str) -> None:
-    """Make DECODER_ID the current decoder of bank MEMORY."""
-    from decapflow.decoder.checkpoint import set_current
+@store_option
+@click.pass_context
+def decoder_use(ctx: click.Context, memory: str, decoder_id: str, store: str | None) -> None:
+    """Make DECODER_ID the current decoder of bank MEMORY (the old name of ``decoder promote``)."""
+    ctx.invoke(decoder_promote, decoder_id=decoder_id, memory=memory, store=store)
 
-    set_current(memory, decoder_id)
-    click.echo(f"bank {memory!r} now captions with decoder {decoder_id}")
+
+@decoder.command("rollback")
+@click.argument("memory")
+@store_option
+def decoder_rollback(memory: str, store: str | None) -> None:
+    """Make the decoder that was current before the current one of bank MEMORY current again."""
+    from decapflow.decoder.registry import decoders
+
+    reg = decoders(store)
+    before = reg.current_id(memory)
+    now = reg.rollback(memory)
+    click.echo(f"bank {memory!r} rolled back from decoder {before} to {now}")
+
+
+@decoder.command("prune")
+@click.argument("memory")
+@click.option("--keep-rejected", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--keep-promoted", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Earlier current decoders kept (rollback can reach the ones kept).")
+@store_option
+def decoder_prune(memory: str, keep_rejected: int, keep_promoted: int, store: str | None) -> None:
+    """Delete old decoders of bank MEMORY. Never the current one, nor undecided challengers."""
+    from decapflow.decoder.registry import decoders
+
+    dropped = decoders(store).prune(memory, keep_rejected=keep_rejected, keep_promoted=keep_promoted)
+    click.echo(f"deleted {len(dropped)} decoder(s) of bank {memory!r}" + (f": {', '.join(dropped)}" if dropped else ""))
 
 
 @decoder.command("import")
@@ -113,6 +184,6 @@ def decoder_import(checkpoint: Path, memory: str, encoder: str, store: str | Non
     if registry.exists(memory):
         registry.open(memory).check_encoder(encoder)
     model, vocab, meta = import_official(checkpoint)
-    decoder_id = register(memory, model, vocab, {**meta, "encoder": encoder, "bank": memory})
+    decoder_id = register(memory, model, vocab, {**meta, "encoder": encoder, "bank": memory}, store=store)
     click.echo(f"imported {checkpoint.name} as decoder {decoder_id} of bank {memory!r} (now current)")
 

@@ -31,7 +31,7 @@ from decapflow.decoder.registry import (  # noqa: F401  (the registry's names, i
     UnknownDecoder,
     current_decoder,
     current_meta,
-    decoders_dir,
+    decoders,
     find_decoder,
     list_decoders,
     set_current,
@@ -109,33 +109,36 @@ def _weights_hash(folder: Path) -> str:
 
 def register(
     bank: str, source: Path | DeCapDecoder, vocab: Vocab | None = None, meta: dict[str, Any] | None = None,
-    *, make_current: bool = True,
+    *, make_current: bool = True, store: str | None = None,
 ) -> str:
-    """Add a decoder to ``bank``'s registry and return its id.
+    """Add a decoder to ``bank``'s registry in the store and return its id.
 
     ``source`` is a checkpoint folder (copied) or a model (saved with ``vocab`` and ``meta``); the copy's
-    ``meta.json`` gets ``"bank": bank`` unless it names one. ``make_current`` points ``current`` at it."""
-    root = decoders_dir(bank)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".incoming-{os.getpid()}-{time.time_ns()}"
-    if isinstance(source, DeCapDecoder):
-        if vocab is None:
-            raise ValueError("register(bank, model, vocab, meta): a model needs its vocabulary")
-        write_decoder_files(tmp, source, vocab, meta)
-    else:
-        load_decoder(source)  # validate before copying
-        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("train_state.pt"))
-    meta_path = tmp / "meta.json"
-    saved = json.loads(meta_path.read_text())
-    saved.setdefault("bank", bank)
-    meta_path.write_text(json.dumps(saved, indent=2, default=str))
-    decoder_id = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{_weights_hash(tmp)}"
-    if (root / decoder_id).exists():  # the same weights registered twice within a second
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, root / decoder_id)
+    ``meta.json`` gets ``"bank": bank`` unless it names one. It is recorded as a ``challenger``;
+    ``make_current`` also makes it current, unconditionally (see :mod:`decapflow.gate` for the gated way)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="decapflow-register-") as tmp_root:
+        tmp = Path(tmp_root) / "decoder"
+        if isinstance(source, DeCapDecoder):
+            if vocab is None:
+                raise ValueError("register(bank, model, vocab, meta): a model needs its vocabulary")
+            write_decoder_files(tmp, source, vocab, meta)
+        else:
+            load_decoder(source)  # validate before copying
+            shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("train_state.pt"))
+            if meta:
+                saved = json.loads((tmp / "meta.json").read_text())
+                (tmp / "meta.json").write_text(json.dumps({**saved, **meta}, indent=2, default=str))
+        meta_path = tmp / "meta.json"
+        saved = json.loads(meta_path.read_text())
+        saved.setdefault("bank", bank)
+        meta_path.write_text(json.dumps(saved, indent=2, default=str))
+        decoder_id = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{_weights_hash(tmp)}"
+        registry = decoders(store)
+        registry.add(bank, tmp, decoder_id)
     if make_current:
-        set_current(bank, decoder_id)
+        registry.set_current(bank, decoder_id, reason="registered as current")
     return decoder_id
 
 

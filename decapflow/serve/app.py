@@ -211,7 +211,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     async def bank(name: str) -> dict[str, Any]:
         def describe() -> dict[str, Any]:
             info = Registry(settings.store).open(name).describe()
-            return {**info, "decoder": current_meta(name)}
+            return {**info, "decoder": current_meta(name, settings.store)}
 
         return await asyncio.to_thread(describe)
 
@@ -225,7 +225,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
 
 def _list_banks(store: str | None) -> list[dict[str, Any]]:
     registry = Registry(store)
-    return [{**registry.open(name).summary(), "decoder": (current_meta(name) or {}).get("id")}
+    return [{**registry.open(name).summary(), "decoder": (current_meta(name, store) or {}).get("id")}
             for name in registry.names()]
 
 

@@ -2,8 +2,8 @@
 
 A :class:`CaptionerPool` hands out a :class:`~decapflow.captioner.Captioner` for ``(bank, decoder)``. On every call
 it checks, cheaply, whether the bank's LanceDB version has moved (an ingest; ``checkout_latest`` costs ~1 ms) or
-its current decoder has changed (``decapflow decoder use``, a retrain; one small file read), and if so loads the
-new state before answering. A batch already running keeps the captioner it started with, so a swap never fails a
+its current decoder has changed (a promotion, a rollback; one read of the store's small ``_current`` table, ~3 ms),
+and if so loads the new state before answering. A batch already running keeps the captioner it started with, so a swap never fails a
 request in flight. Banks that share an encoder share one loaded CLIP (``load_encoder`` caches by spec).
 """
 
@@ -16,7 +16,8 @@ from typing import Any
 
 from decapflow.captioner import Captioner, Options, check_decoder_encoder, resolve_decoder
 from decapflow.config import default_device
-from decapflow.decoder.checkpoint import current_decoder, load_decoder
+from decapflow.decoder.checkpoint import load_decoder
+from decapflow.decoder.registry import decoders
 from decapflow.encoders import Encoder, load_encoder
 from decapflow.memory import MemoryBank, Registry
 
@@ -63,7 +64,8 @@ class CaptionerPool:
         """The captioner for ``bank_name`` with ``decoder`` (default: the bank's current one), fresh."""
         with self._lock:
             bank = self.bank(bank_name)
-            folder = resolve_decoder(bank_name, decoder, allow_paths=False) if needs_decoder else None
+            folder = (resolve_decoder(bank_name, decoder, allow_paths=False, store=self.registry.store)
+                      if needs_decoder else None)
             key = (bank_name, folder)
             cached = self._captioners.get(key)
             if cached is not None and cached.bank_version == bank.version:
@@ -95,7 +97,7 @@ class CaptionerPool:
     def preload(self, banks: list[str]) -> None:
         """Load each bank with its encoder and its current decoder (the bank alone when it has none yet)."""
         for name in banks:
-            self.captioner(name, needs_decoder=current_decoder(name) is not None)
+            self.captioner(name, needs_decoder=decoders(self.registry.store).current_id(name) is not None)
 
     # ------------------------------------------------------------------ internals
     def _decoder(self, folder: Path) -> tuple[Any, Any, dict[str, Any]]:

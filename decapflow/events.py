@@ -1,0 +1,66 @@
+"""Prefect events for what changes in a store, so deployments can react (``prefect.yaml``'s triggers).
+
+    decapflow.bank.updated      resource decapflow.bank.<bank>       rows added, new version, rows
+    decapflow.decoder.promoted  resource decapflow.decoder.<id>      the gate's decision (related: the bank)
+    decapflow.decoder.rejected  resource decapflow.decoder.<id>      the gate's decision (related: the bank)
+
+Events go to the Prefect server named by ``PREFECT_API_URL`` (the environment or the active Prefect profile); with
+none configured :func:`emit` does nothing, so the library and the CLI run the same with or without Prefect.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def prefect_api() -> str | None:
+    """The Prefect API events would go to, or None."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    return str(url) if url else None
+
+
+def emit(event: str, resource: str, name: str, payload: dict[str, Any],
+         related: list[tuple[str, str, str]] = ()) -> bool:
+    """Send ``event`` about ``resource`` (id ``decapflow.<kind>.<name>``) and wait until it is delivered (an
+    ingest or a training run is a short process). ``related``: (id, name, role) triples. Returns whether an event
+    was sent; a failure to send is logged, never raised: the data is already written."""
+    try:
+        if not prefect_api():
+            return False
+        from prefect.context import FlowRunContext
+        from prefect.events import emit_event
+        from prefect.events.worker import EventsWorker
+
+        sent = emit_event(
+            event=event,
+            resource={"prefect.resource.id": resource, "prefect.resource.name": name},
+            related=[{"prefect.resource.id": rid, "prefect.resource.name": rname, "prefect.resource.role": role}
+                     for rid, rname, role in related] or None,
+            payload=payload,
+        )
+        if FlowRunContext.get() is None:  # a flow run delivers its events when it ends; a plain process must wait
+            EventsWorker.drain_all(timeout=10, at_exit=False)
+        return sent is not None
+    except Exception as exc:  # noqa: BLE001 - an event lost must not fail the write it reports
+        log.warning("could not emit %s for %s: %s", event, resource, exc)
+        return False
+
+
+def bank_updated(bank: str, rows_added: int, version: int, rows: int, source: str = "") -> bool:
+    return emit("decapflow.bank.updated", f"decapflow.bank.{bank}", bank,
+                {"bank": bank, "rows_added": rows_added, "version": version, "rows": rows, "source": source})
+
+
+def decoder_decided(decision: dict[str, Any]) -> bool:
+    bank, decoder_id = decision["bank"], decision["challenger"]
+    kind = "promoted" if decision["promoted"] else "rejected"
+    return emit(f"decapflow.decoder.{kind}", f"decapflow.decoder.{bank}.{decoder_id}", decoder_id, decision,
+                related=[(f"decapflow.bank.{bank}", bank, "bank")])

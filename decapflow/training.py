@@ -1,0 +1,109 @@
+"""A bank's decoder, end to end: pin a bank version, leave out its evaluation set, train, register the result as a
+challenger, decide (gated or by hand), and prune old decoders. What ``decapflow train`` and the Prefect flows run.
+
+The arrays-in, checkpoint-out training loop is :func:`decapflow.decoder.train.train_decoder`; the promotion rule is
+:func:`decapflow.gate.decide`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from decapflow.config import home
+from decapflow.decoder.checkpoint import register
+from decapflow.decoder.model import DecoderConfig
+from decapflow.decoder.registry import decoders
+from decapflow.decoder.train import TrainRecipe, TrainResult, train_decoder
+from decapflow.gate import decide, held_out_texts, text_eval_set
+from decapflow.memory import Registry
+
+__all__ = ["runs_dir", "train_bank", "train_from_bank"]
+
+
+def runs_dir(bank: str) -> Path:
+    """Training runs of ``bank`` (checkpoints per epoch, metrics, plots): ``<home>/runs/<bank>/<run id>``."""
+    return home() / "runs" / bank
+
+
+def train_from_bank(
+    bank_name: str, *, config: DecoderConfig | str | Path = "decap-small", recipe: TrainRecipe | None = None,
+    store: str | None = None, resume: bool = False, progress: bool = True,
+    on_epoch: Callable[[dict[str, Any]], Any] | None = None, version: int | None = None, promote: bool = True,
+) -> tuple[str, TrainResult]:
+    """Train a decoder on a memory bank's stored texts and vectors (no CLIP re-encoding) at bank ``version``
+    (default: the newest now, pinned for the whole run), leaving out the bank's held-out evaluation sentences.
+    Registers the best checkpoint as a challenger whose parent is the current decoder, and makes it current
+    when ``promote`` (unconditionally; :func:`train_bank` can gate instead). ``resume`` continues the bank's
+    latest run. Returns (decoder id, result)."""
+    reg = decoders(store)
+    bank = Registry(store).open(bank_name).at(version)
+    if len(bank) < 2:
+        raise ValueError(f"bank {bank_name!r} has {len(bank)} sentences; ingest a corpus first")
+    evalset = text_eval_set(bank, store)
+    held = held_out_texts(bank_name, store)
+    vectors, texts = bank.vector_cache()
+    texts = texts.to_pylist()
+    keep = np.fromiter((t not in held for t in texts), bool, len(texts))
+    root = runs_dir(bank_name)
+    previous = sorted(p for p in root.glob("*") if (p / "last").is_dir()) if root.is_dir() else []
+    if resume and not previous:
+        raise ValueError(f"nothing to resume: bank {bank_name!r} has no training run under {root}")
+    out_dir = previous[-1] if resume else root / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    meta = {"bank": bank_name, "bank_version": bank.version, "bank_rows": len(bank), "trained_rows": int(keep.sum()),
+            "eval_set": evalset.id if evalset else None, "encoder": bank.encoder,
+            "parent": reg.current_id(bank_name), "config": str(config) if not isinstance(config, DecoderConfig) else "custom",
+            "recipe": (recipe or TrainRecipe()).to_dict(), "run": str(out_dir)}
+    result = train_decoder([t for t, k in zip(texts, keep, strict=True) if k], np.array(vectors)[keep],
+                           config=config, recipe=recipe, out_dir=out_dir, resume=resume, progress=progress,
+                           on_epoch=on_epoch, meta=meta)
+    decoder_id = register(bank_name, result.best, make_current=promote, store=store)
+    return decoder_id, result
+
+
+def train_bank(bank: str, config: str = "decap-small", recipe: dict[str, Any] | None = None,
+               store: str | None = None, resume: bool = False, progress: bool = True, *, gate: bool = False,
+               metric: str = "auto", margin: float = 0.0, version: int | None = None,
+               keep_rejected: int = 5) -> dict[str, Any]:
+    """:func:`train_from_bank` then :func:`~decapflow.gate.decide`, with plain data in and out (what the CLI
+    and the Prefect tasks pass around). ``gate``: promote only a challenger that beats the current decoder by
+    ``margin`` on ``metric``; otherwise promote it (by hand) but still score and record it. Old rejected
+    decoders beyond ``keep_rejected`` are deleted. Returns the decoder id, decision, training summary, seconds."""
+    start = time.perf_counter()
+    decoder_id, result = train_from_bank(bank, config=config, recipe=TrainRecipe.from_dict(recipe or {}),
+                                         store=store, resume=resume, progress=progress, version=version,
+                                         promote=False)
+    trained = time.perf_counter() - start
+    decision = decide(bank, decoder_id, gate=gate, metric=metric, margin=margin, store=store)
+    pruned = decoders(store).prune(bank, keep_rejected=keep_rejected)
+    return {"bank": bank, "decoder": decoder_id, "promoted": decision.promoted, "decision": decision.to_dict(),
+            "summary": decision.summary(), "pruned": pruned, "best_epoch": result.best_epoch,
+            "best_val_loss": result.best_val_loss, "steps": result.steps, "stopped_early": result.stopped_early,
+            "history": result.history, "train_seconds": round(trained, 2),
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+def retrain_due(bank: str, store: str | None = None, min_new_rows: int = 1, min_growth: float | None = None
+                ) -> tuple[bool, str]:
+    """Whether ``bank`` has grown enough to train a challenger: by at least ``min_new_rows`` rows, or by at least
+    the share ``min_growth``, since the last decoder trained on it (promoted or not: a rejected challenger is not
+    retried on the same rows)."""
+    attempts = [d for d in decoders(store).list(bank) if d.get("bank_version") is not None]
+    memory = Registry(store).open(bank)
+    if not attempts:
+        return True, "the bank has no decoder yet"
+    last = attempts[-1]
+    if last["bank_version"] == memory.version:
+        return False, f"decoder {last['id']} ({last['status']}) was trained on this bank version ({memory.version})"
+    seen = int(last.get("bank_rows") or 0)
+    new = len(memory) - seen
+    if new >= min_new_rows:
+        return True, f"{new} rows added since decoder {last['id']} was trained (at least {min_new_rows})"
+    if min_growth is not None and seen and new / seen >= min_growth:
+        return True, f"the bank grew by {new / seen:.1%} since decoder {last['id']} (at least {min_growth:.1%})"
+    return False, (f"only {new} rows added since decoder {last['id']} was trained ({min_new_rows} rows"
+                   + (f" or {min_growth:.1%}" if min_growth is not None else "") + " needed)")
