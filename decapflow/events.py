@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,9 @@ def prefect_api() -> str | None:
     """The Prefect API events would go to, or None."""
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
+    prefect_home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    if not Path(os.environ.get("PREFECT_PROFILES_PATH") or prefect_home / "profiles.toml").is_file():
+        return None  # no profile can name a server: skip importing Prefect (~1.5 s)
     from prefect.settings import get_current_settings
 
     url = get_current_settings().api.url

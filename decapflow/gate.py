@@ -34,7 +34,8 @@ from decapflow.errors import BankError
 from decapflow.memory import MemoryBank, Registry
 from decapflow.store import Store, get_store
 
-__all__ = ["METRICS", "Decision", "EvalSet", "add_image_eval_set", "decide", "eval_sets", "held_out_texts",
+__all__ = ["METRICS", "Decision", "EvalSet", "add_image_eval_set", "decide", "drop_eval_sets", "eval_sets",
+           "held_out_texts",
            "score_decoder", "text_eval_set"]
 
 MAX_TEXT = 500  # held-out sentences per bank at most
@@ -144,6 +145,15 @@ def add_image_eval_set(bank: MemoryBank, annotations: Path, images: Path, store:
     info = {"images": len(by_file), "captions": sum(map(len, references.values())), "source": str(annotations),
             "split": split}
     return _record(store, EvalSet(bank.name, set_id, "images", _now(), bank.version, True, info=info))
+
+
+def drop_eval_sets(bank: str, store: Store | str | None = None) -> int:
+    """Forget ``bank``'s evaluation sets (records and copied files), e.g. with the bank itself."""
+    store = get_store(store)
+    count = len(eval_sets(bank, store))
+    _table(store).delete(f"bank = '{bank}'")
+    store.remove_dir(store.path("_evalsets", bank))
+    return count
 
 
 # ------------------------------------------------------------------------------------------- scoring

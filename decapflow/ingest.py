@@ -94,7 +94,7 @@ def open_bank(memory: str, encoder: str | None, store: str | None, device: str |
         bank.check_encoder(enc.spec.raw, enc.dim)
         return bank, enc
     enc = load_encoder(encoder or DEFAULT_ENCODER, device)
-    return registry.create(memory, enc.spec.raw, enc.dim), enc
+    return registry.create(memory, enc.spec.raw, enc.dim, exist_ok=True), enc  # another ingest may create it too
 
 
 def read_chunks(path: Path, known: set[str], stats: CorpusStats, chunk_size: int = DEFAULT_CHUNK,

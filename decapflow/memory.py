@@ -318,27 +318,32 @@ class Registry:
                             f"create one with: decapflow ingest CORPUS --memory {name}")
         return MemoryBank(name, self.db.open_table(name), self.store)
 
-    def create(self, name: str, encoder: str, dim: int) -> MemoryBank:
-        if self.exists(name):
+    def create(self, name: str, encoder: str, dim: int, exist_ok: bool = False) -> MemoryBank:
+        """Create bank ``name`` empty. ``exist_ok``: open it instead when it exists (or another process created
+        it a moment ago), checking it was built with ``encoder``."""
+        if not self.exists(name):
+            try:
+                return MemoryBank(name, self.db.create_table(name, schema=bank_schema(dim, encoder)), self.store)
+            except (OSError, ValueError, RuntimeError):
+                if not self.exists(name):
+                    raise
+        if not exist_ok:
             raise BankError(f"memory bank {name!r} already exists")
-        try:
-            table = self.db.create_table(name, schema=bank_schema(dim, encoder))
-        except (OSError, ValueError, RuntimeError):
-            if not self.exists(name):
-                raise
-            bank = self.open(name)  # created by a concurrent ingest a moment ago
-            bank.check_encoder(encoder, dim)
-            return bank
-        return MemoryBank(name, table, self.store)
+        bank = self.open(name)
+        bank.check_encoder(encoder, dim)
+        return bank
 
     def open_or_create(self, name: str, encoder: str, dim: int) -> MemoryBank:
         """Open ``name`` (checking it was built with ``encoder``) or create it empty."""
-        if self.exists(name):
-            bank = self.open(name)
-            bank.check_encoder(encoder, dim)
-            return bank
-        return self.create(name, encoder, dim)
+        return self.create(name, encoder, dim, exist_ok=True)
 
-    def delete(self, name: str) -> None:
-        self.open(name)  # raises a clear error when it does not exist
+    def delete(self, name: str) -> dict[str, int]:
+        """Delete bank ``name`` with all its versions, its decoders and its evaluation sets (a bank created later
+        under the same name starts clean). Returns how many rows, decoders and evaluation sets went."""
+        from decapflow.decoder.registry import decoders
+        from decapflow.gate import drop_eval_sets
+
+        rows = len(self.open(name))  # raises a clear error when it does not exist
         self.db.drop_table(name)
+        return {"rows": rows, "decoders": decoders(self.store).drop_bank(name),
+                "eval_sets": drop_eval_sets(name, self.store)}

@@ -96,6 +96,17 @@ def home(trained_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
+def own_home(trained_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private copy of the trained home, for tests that change it."""
+    import shutil
+
+    home = tmp_path / "home-copy"
+    shutil.copytree(trained_home, home)
+    monkeypatch.setenv("DECAPFLOW_HOME", str(home))
+    return home
+
+
+@pytest.fixture
 def images(tmp_path: Path) -> Path:
     """Three small solid-colour PNGs named like COCO images (ids 7, 8, 9)."""
     from PIL import Image

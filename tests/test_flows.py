@@ -3,21 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-import pytest
-
 from decapflow.decoder.checkpoint import list_decoders
-
-
-@pytest.fixture
-def own_home(trained_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private copy of the trained home (these flows write to it)."""
-    home = tmp_path / "home-copy"
-    shutil.copytree(trained_home, home)
-    monkeypatch.setenv("DECAPFLOW_HOME", str(home))
-    return home
 
 
 def test_caption_flow_writes_results_and_manifest(own_home: Path, images: Path, tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import pytest
 from click.testing import CliRunner
 
 from decapflow.cli import main
@@ -25,15 +24,6 @@ STRONG = {"epochs": 150, "batch_size": 8, "lr": 1e-2, "warmup_steps": 10, "val_f
 
 def invoke(*args: str):
     return CliRunner().invoke(main, list(args))
-
-
-@pytest.fixture
-def own_home(trained_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private copy of the trained home: bank 'shapes' (8 sentences) with a decoder that memorised them."""
-    home = tmp_path / "home-copy"
-    shutil.copytree(trained_home, home)
-    monkeypatch.setenv("DECAPFLOW_HOME", str(home))
-    return home
 
 
 def test_a_worse_challenger_is_rejected_a_better_one_promoted_and_rollback_restores(own_home: Path) -> None:
@@ -175,3 +165,16 @@ def test_gate_metric_names_match_the_cli() -> None:
     from decapflow.gate import METRICS
 
     assert GATE_METRICS == METRICS
+
+
+def test_deleting_a_bank_forgets_its_decoders_and_evaluation_sets(own_home: Path, tmp_path: Path,
+                                                                   tiny_encoder_spec: str) -> None:
+    assert eval_sets("shapes") and decoders().list("shapes")
+    folder = Path(decoders().current_path("shapes"))
+    out = invoke("memory", "rm", "shapes", "--yes")
+    assert out.exit_code == 0 and "1 decoder(s), 1 evaluation set(s)" in out.output
+    assert not folder.exists() and decoders().list("shapes") == [] and decoders().current_id("shapes") is None
+    corpus = tmp_path / "shapes.txt"
+    corpus.write_text("a red circle\n")
+    run_ingest(corpus, "shapes", tiny_encoder_spec)  # a new bank under the old name starts clean
+    assert eval_sets("shapes") == [] and retrain_due("shapes")[0]

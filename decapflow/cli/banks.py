@@ -187,16 +187,18 @@ def memory_export(name: str, output: Path, store: str | None) -> None:
 @click.option("--yes", is_flag=True, help="Delete without asking.")
 @store_option
 def memory_rm(name: str, yes: bool, store: str | None) -> None:
-    """Delete a bank and all its versions (asks for confirmation unless --yes)."""
+    """Delete a bank with all its versions, its decoders and its evaluation sets (asks unless --yes)."""
+    from decapflow.decoder.registry import list_decoders
     from decapflow.memory import Registry
 
     registry = Registry(store)
     bank = registry.open(name)
     if not yes:
-        click.confirm(f"Delete bank {name!r} ({len(bank)} rows, all versions)?", abort=True)
-    registry.delete(name)
-    click.echo(f"deleted bank {name!r}")
-
+        click.confirm(f"Delete bank {name!r} ({len(bank)} rows, all versions) and its "
+                      f"{len(list_decoders(name, store))} decoder(s)?", abort=True)
+    gone = registry.delete(name)
+    click.echo(f"deleted bank {name!r}: {gone['rows']} rows, {gone['decoders']} decoder(s), "
+               f"{gone['eval_sets']} evaluation set(s)")
 
 
 @memory.command("eval-set")

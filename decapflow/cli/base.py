@@ -44,7 +44,8 @@ def human_bytes(n: int | None) -> str:
 
 store_option = click.option(
     "--store", envvar="DECAPFLOW_STORE", default=None, metavar="URI",
-    help="LanceDB database of the banks: a path or an object-store URI (default: $DECAPFLOW_HOME/banks).",
+    help="The store holding the banks and their decoders: a path or an object-store URI such as s3://bucket/prefix "
+         "(credentials from the usual AWS_*/GOOGLE_* variables; default: $DECAPFLOW_HOME/banks).",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 

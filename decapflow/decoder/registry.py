@@ -215,6 +215,15 @@ class Decoders:
                 self.store.remove_dir(self.folder(bank, decoder_id))
         return drop
 
+    def drop_bank(self, bank: str) -> int:
+        """Forget every decoder of ``bank`` (records, current pointer, files), e.g. with the bank itself."""
+        with self.store.lock(f"decoders-{bank}"):
+            count = len(self._rows(f"bank = {_sql(_check(bank, 'bank name'))}"))
+            self.records.delete(f"bank = {_sql(bank)}")
+            self.pointers.delete(f"bank = {_sql(bank)}")
+            self.store.remove_dir(self.store.path("_decoders", bank))
+        return count
+
     # ------------------------------------------------------------------ the old layout
     def _migrate_legacy(self) -> None:
         """Move ``<home>/decoders/<bank>/<id>/`` (decapflow <= 0.8) into the default store, once."""
