@@ -1,6 +1,7 @@
 """The retraining loop on the world bank (issue 9), timed: ingest -> event -> triggered retrain -> gate -> serving.
 
-1. Concurrent ingest: the world corpus (21,106 distinct sentences) into a fresh bank once (the baseline), then
+1. The write path: one 4,096-row chunk into banks of 20k and 200k rows, a plain append (the old way) against
+   the bank's lock plus an insert-only merge on hash (the new way). Then concurrent ingest: the world corpus (21,106 distinct sentences) into a fresh bank once (the baseline), then
    into another fresh bank by two processes at once (the same file, full overlap). Rows must equal the distinct
    count; the ratio of wall times says what the bank's write lock costs.
 2. The loop: bank ``world`` with a ``decap-small`` decoder trained ``--champion-steps`` steps by hand (current), a
@@ -57,6 +58,40 @@ def concurrent_ingest(env: dict[str, str]) -> dict[str, float]:
             "rows": rows, "distinct": len(Registry().open("single")), "written_by_each": written}
 
 
+def write_path(existing: int, chunk: int = 4096, repeats: int = 3) -> dict[str, float]:
+    """One chunk written into a bank of ``existing`` rows: a plain LanceDB append (what ingest did before: not
+    safe with concurrent writers) against ``MemoryBank.add`` (the bank's lock, then an insert-only merge on hash)."""
+    import numpy as np
+
+    from decapflow.memory import Registry
+
+    rng = np.random.default_rng(0)
+    registry = Registry(tempfile.mkdtemp(prefix="decapflow-write-"))
+    bank = registry.create("w", "bench", 512)
+    when = datetime.now().astimezone()
+
+    def rows(n: int, start: int) -> tuple[list[str], list[str], np.ndarray]:
+        hashes = [f"{i:064x}" for i in range(start, start + n)]
+        return hashes, hashes, rng.standard_normal((n, 512), dtype=np.float32)
+
+    for start in range(0, existing, 50_000):
+        bank.add(*rows(min(50_000, existing - start), start), source="seed", added_at=when)
+    plain, locked = [], []
+    for r in range(repeats):
+        h, t, v = rows(chunk, 10_000_000 + 2 * r * chunk)
+        unlocked = type(bank)(bank.name, bank.table, None)  # no store: a plain append
+        start = time.perf_counter()
+        unlocked.add(h, t, v, source="x", added_at=when)
+        plain.append(time.perf_counter() - start)
+        h, t, v = rows(chunk, 10_000_000 + (2 * r + 1) * chunk)
+        start = time.perf_counter()
+        bank.add(h, t, v, source="x", added_at=when)
+        locked.append(time.perf_counter() - start)
+    a, b = min(plain), min(locked)
+    return {"bank_rows": existing, "chunk": chunk, "append_ms": round(1000 * a, 1), "locked_merge_ms": round(1000 * b, 1),
+            "ratio": round(b / a, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="Training steps of the triggered challenger.")
@@ -69,6 +104,8 @@ def main() -> None:
     env = {**os.environ, "DECAPFLOW_HOME": str(home)}
     report: dict[str, object] = {}
     if not args.skip_concurrent:
+        report["write_path"] = [write_path(n) for n in (20_000, 200_000)]
+        print(json.dumps(report["write_path"]), flush=True)
         report["concurrent_ingest"] = concurrent_ingest(env)
         print(json.dumps(report["concurrent_ingest"]), flush=True)
 

@@ -5,17 +5,29 @@
     decapflow.decoder.rejected  resource decapflow.decoder.<id>      the gate's decision (related: the bank)
 
 Events go to the Prefect server named by ``PREFECT_API_URL`` (the environment or the active Prefect profile); with
-none configured :func:`emit` does nothing, so the library and the CLI run the same with or without Prefect.
+none configured, or one that does not answer, :func:`emit` does nothing, so the library and the CLI run the same
+with or without Prefect.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+def api_answers(api: str, timeout: float = 2.0) -> bool:
+    """Whether the Prefect API at ``api`` answers its health check (a refused connection answers at once)."""
+    try:
+        with urllib.request.urlopen(api.rstrip("/") + "/health", timeout=timeout) as response:
+            response.read()
+        return True
+    except OSError:
+        return False
 
 
 def prefect_api() -> str | None:
@@ -37,7 +49,8 @@ def emit(event: str, resource: str, name: str, payload: dict[str, Any],
     ingest or a training run is a short process). ``related``: (id, name, role) triples. Returns whether an event
     was sent; a failure to send is logged, never raised: the data is already written."""
     try:
-        if not prefect_api():
+        api = prefect_api()
+        if not api or not api_answers(api):  # never wait on, or even import Prefect for, a server that is down
             return False
         from prefect.context import FlowRunContext
         from prefect.events import emit_event

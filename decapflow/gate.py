@@ -182,9 +182,12 @@ def _score_images(captioner: Any, store: Store, evalset: EvalSet) -> dict[str, f
     from decapflow.evaluate import score_captions
     from decapflow.images import load_image
 
-    local = store.get_dir(store.path("_evalsets", evalset.bank, evalset.id),
-                          cache_dir() / "evalsets" / store.key / evalset.bank / evalset.id)
-    local_images = store.get_dir(store.path("_evalsets", evalset.bank, evalset.id, "images"), local / "images")
+    parts = ("_evalsets", evalset.bank, evalset.id)
+    local = store.local_path(*parts)
+    if local is None:  # a remote store: fetched once into the local cache
+        local = store.get_dir(store.path(*parts), cache_dir() / "evalsets" / store.key / evalset.bank / evalset.id)
+        store.get_dir(store.path(*parts, "images"), local / "images")
+    local_images = local / "images"
     refs = json.loads((local / "references.json").read_text())
     files = sorted(refs["files"])
     captions = captioner.with_options(Options(strategy="pd")).caption([load_image(local_images / f) for f in files])
@@ -276,7 +279,9 @@ def decide(bank_name: str, challenger: str, *, gate: bool = True, metric: str = 
     for _ in range(10):  # a concurrent promotion moves the champion: compare again against the new one
         champion = reg.current_id(bank_name)
         theirs = score_decoder(bank, champion, evalset, store, device)[key] if champion else None
-        if champion is None:
+        if champion == challenger:  # the same weights registered again (same id): nothing to decide
+            promote, reason = True, "it is the current decoder already"
+        elif champion is None:
             promote, reason = True, "first decoder of the bank"
         elif not gate:
             promote, reason = True, "ungated (by hand)"
@@ -284,7 +289,8 @@ def decide(bank_name: str, challenger: str, *, gate: bool = True, metric: str = 
             promote = mine > theirs and mine - theirs >= margin
             reason = (f"beats the champion by {mine - theirs:+.4f} (margin {margin})" if promote
                       else f"does not beat the champion by the margin {margin} ({mine - theirs:+.4f})")
-        if promote and not reg.set_current(bank_name, challenger, expected=champion, reason=reason):
+        if promote and champion != challenger and not reg.set_current(bank_name, challenger, expected=champion,
+                                                                      reason=reason):
             continue
         break
     else:

@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 
 from decapflow import events
-from decapflow.corpus import CorpusStats, Sentence, batched, check_text, detect_format, read_sentences
+from decapflow.corpus import CorpusStats, Sentence, batched, detect_format, read_sentences
 from decapflow.encoders import DEFAULT_ENCODER, Encoder, load_encoder
 from decapflow.memory import MemoryBank, Registry, check_name
+from decapflow.textcheck import check_text
 
 DEFAULT_CHUNK = 4096
 

@@ -12,9 +12,9 @@ Modes of ``--prefect``:
 from __future__ import annotations
 
 import os
-import urllib.request
 
 from decapflow.config import home
+from decapflow.events import api_answers
 
 EPHEMERAL_OFF = ("SCHEDULER", "LATE_RUNS", "FOREMAN", "CANCELLATION_CLEANUP", "PAUSE_EXPIRATIONS", "REPOSSESSOR",
                  "TRIGGERS", "DB_VACUUM", "CLEANUP_RECONCILER", "EVENT_LOGGER")
@@ -23,15 +23,6 @@ MODES = ("auto", "on", "off")
 
 class PrefectUnavailable(RuntimeError):
     """PREFECT_API_URL names a server that does not answer, and Prefect was required."""
-
-
-def api_answers(api: str, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(api.rstrip("/") + "/health", timeout=timeout) as response:
-            response.read()
-        return True
-    except OSError:
-        return False
 
 
 def configure(mode: str = "auto") -> tuple[str | None, str]:

@@ -22,13 +22,13 @@ from decapflow.corpus import (
     CorpusStats,
     Sentence,
     batched,
-    check_text,
     clean_text,
     content_hash,
     detect_format,
     read_raw,
     read_sentences,
 )
+from decapflow.textcheck import check_text
 
 # Raw captions as they might arrive: messy whitespace, one duplicate after cleaning, one blank.
 RAW = ["A dog runs.", "  a\tcat\u00a0sleeps ", "", "Ａ red bus", "A dog  runs.", "two\u200bwords", "last, with comma"]

@@ -36,18 +36,21 @@ class Prefect:
         self.env = {**env, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": self.api,
                     "DECAPFLOW_PROJECT_DIR": str(ROOT), "DECAPFLOW_HOME": str(decapflow_home),
                     "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2",
-                    "PREFECT_LOGGING_LEVEL": "WARNING"}
+                    "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                    "HF_HUB_OFFLINE": "1"}
+        self.log = tmp_path / "prefect-server.log"
+        tmp_path.mkdir(parents=True, exist_ok=True)
         self.server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                                        str(port)], env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                        str(port)], env=self.env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
         self.worker: subprocess.Popen | None = None
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and self.server.poll() is None:
             try:
                 urllib.request.urlopen(self.api + "/health", timeout=1).read()
                 return
             except OSError:
                 time.sleep(0.5)
-        raise RuntimeError("the Prefect server did not start in 90 s")
+        raise RuntimeError(f"the Prefect server did not start: {self.log.read_text()[-2000:]}")
 
     def run(self, *args: str, timeout: int = 180, env: dict[str, str] | None = None) -> str:
         done = subprocess.run([str(BIN / "prefect"), *args], env=env or self.env, cwd=ROOT, capture_output=True,

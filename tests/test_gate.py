@@ -53,7 +53,7 @@ def test_ungated_training_promotes_and_says_so(own_home: Path) -> None:
     assert out.exit_code == 0, out.output
     assert "is now current for bank 'shapes'" in out.output and "ungated (by hand)" in out.output
     gated = invoke("train", "--memory", "shapes", "--config", "tiny", "--epochs", "1", "--max-steps", "1",
-                   "--gate", "--margin", "0.5", "--prefect", "off")
+                   "--seed", "1", "--gate", "--margin", "0.5", "--prefect", "off")
     assert gated.exit_code == 0 and "rejected for bank 'shapes'" in gated.output
     rows = json.loads(invoke("decoder", "list", "shapes", "--json").stdout)
     assert [r["status"] for r in rows] == ["promoted", "promoted", "rejected"] and rows[1]["current"]

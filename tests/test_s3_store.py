@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,16 +13,11 @@ import pytest
 from click.testing import CliRunner
 
 from decapflow.cli import main
+from tests.conftest import free_port
 
 DECODER_FILES = {"config.json", "model.safetensors", "vocab.json", "meta.json"}
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def invoke(*args: str):
@@ -169,6 +163,27 @@ def test_gate_rollback_and_promote_against_s3(animals: str, s3) -> None:
     assert current_ids(store) == [rows[2]["id"]]
     # The default (local) store knows nothing of it.
     assert json.loads(invoke("decoder", "list", "animals", "--json").stdout) == []
+
+
+def test_image_eval_set_in_s3_gates_from_a_fresh_home(animals: str, s3, images: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    store = animals
+    assert train(store).exit_code == 0
+    annotations = tmp_path / "captions.json"
+    annotations.write_text(json.dumps({
+        "images": [{"id": i, "file_name": f"img_{i:06d}.png"} for i in (7, 8, 9)],
+        "annotations": [{"image_id": i, "id": i, "caption": "a small dog"} for i in (7, 8, 9)]}))
+    added = invoke("memory", "eval-set", "animals", "--annotations", str(annotations), "--images", str(images),
+                   "--store", store, "--json")
+    assert added.exit_code == 0, added.output
+    set_id = json.loads(added.stdout)[-1]["id"]
+    assert keys(s3, store, f"_evalsets/animals/{set_id}/images") == {f"img_{i:06d}.png" for i in (7, 8, 9)}
+    monkeypatch.setenv("DECAPFLOW_HOME", str(tmp_path / "worker-home"))  # a worker that only sees the store
+    gated = invoke("train", "--memory", "animals", "--config", "tiny", "--epochs", "1", "--store", store,
+                   "--prefect", "off", "--gate", "--json")
+    assert gated.exit_code == 0, gated.output
+    decision = json.loads(gated.stdout)["decision"]
+    assert decision["metric"] == "images.cider" and decision["eval_set"] == set_id
 
 
 def test_serve_captions_from_an_s3_store(animals: str, images: Path, serve_app) -> None:
