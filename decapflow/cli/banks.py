@@ -242,3 +242,36 @@ def memory_eval_set(name: str, annotations: Path | None, images: Path | None, sp
         what = f"{s['size']} held-out sentences" if s["held_out"] else f"{s['size']} bank sentences (not held out)"
         click.echo(f"{s['id']:<28} {s['kind']:<7} {what if s['kind'] == 'text' else str(s['size']) + ' images'}  "
                    f"created {s['created']} at bank v{s['bank_version']}")
+
+
+@memory.command("import")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--memory", "-m", required=True, help="The bank to import into (created when new).")
+@click.option("--encoder", "-e", metavar="SPEC",
+              help="The CLIP encoder that made the embeddings (required for a new bank; an existing bank refuses "
+                   "any other than its own).")
+@click.option("--text-field", help="Parquet column of the texts (default: caption, then text).")
+@click.option("--vector-field", help="Parquet column of the vectors (default: vector, then embedding).")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Rows per committed chunk.")
+@store_option
+@json_option
+def memory_import(source: Path, memory: str, encoder: str | None, text_field: str | None,
+                  vector_field: str | None, chunk_size: int, store: str | None, as_json: bool) -> None:
+    """Import precomputed text embeddings (no encoder run): a parquet file or folder with text and vector
+    columns, or clip-retrieval's output folder (text_emb/text_emb_<i>.npy + metadata/metadata_<i>.parquet).
+
+    Texts are cleaned and deduplicated like ingest; vectors are checked against the bank's dimension and
+    stored as float32 unit vectors. Re-running imports only what is new.
+
+    \b
+    Example:  decapflow memory import clip_out/ --memory cc3m --encoder ViT-B-32:openai
+    """
+    from decapflow.importer import run_import
+
+    report = run_import(source, memory, encoder, store, text_field=text_field, vector_field=vector_field,
+                        chunk_size=chunk_size, progress=not as_json)
+    if as_json:
+        echo_json(report.to_dict())
+    else:
+        click.echo(report.summary())
