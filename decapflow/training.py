@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from decapflow.config import home
+from decapflow.config import default_device, home
 from decapflow.decoder.checkpoint import register
+from decapflow.decoder.distributed import Dist
 from decapflow.decoder.model import DecoderConfig
 from decapflow.decoder.registry import decoders
 from decapflow.decoder.train import TrainRecipe, TrainResult, train_decoder
@@ -53,7 +54,10 @@ def train_from_bank(
     previous = sorted(p for p in root.glob("*") if (p / "last").is_dir()) if root.is_dir() else []
     if resume and not previous:
         raise ValueError(f"nothing to resume: bank {bank_name!r} has no training run under {root}")
-    out_dir = previous[-1] if resume else root / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    dist = Dist.from_env()  # under torchrun every rank runs this; rank 0 names the run and registers the result
+    dist.setup(default_device((recipe or TrainRecipe()).device))
+    name = str(previous[-1] if resume else root / time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+    out_dir = Path(dist.broadcast(name))
     meta = {"bank": bank_name, "bank_version": bank.version, "bank_rows": len(bank), "trained_rows": int(keep.sum()),
             "eval_set": evalset.id if evalset else None, "encoder": bank.encoder,
             "parent": reg.current_id(bank_name), "config": str(config) if not isinstance(config, DecoderConfig) else "custom",
@@ -61,6 +65,8 @@ def train_from_bank(
     result = train_decoder([t for t, k in zip(texts, keep, strict=True) if k], np.array(vectors)[keep],
                            config=config, recipe=recipe, out_dir=out_dir, resume=resume, progress=progress,
                            on_epoch=on_epoch, meta=meta)
+    if not dist.main:
+        return "", result
     decoder_id = register(bank_name, result.best, make_current=promote, store=store)
     return decoder_id, result
 
@@ -78,6 +84,9 @@ def train_bank(bank: str, config: str = "decap-small", recipe: dict[str, Any] | 
                                          store=store, resume=resume, progress=progress, version=version,
                                          promote=False)
     trained = time.perf_counter() - start
+    if not decoder_id:  # a torchrun rank other than 0: rank 0 decides
+        return {"bank": bank, "rank": Dist.from_env().rank, "history": result.history,
+                "train_seconds": round(trained, 2), "seconds": round(time.perf_counter() - start, 2)}
     decision = decide(bank, decoder_id, gate=gate, metric=metric, margin=margin, store=store)
     pruned = decoders(store).prune(bank, keep_rejected=keep_rejected)
     return {"bank": bank, "decoder": decoder_id, "promoted": decision.promoted, "decision": decision.to_dict(),

@@ -59,6 +59,8 @@ def train(memory: str, config: str, epochs: int | None, max_steps: int | None, b
     \b
     Examples: decapflow train --memory world --epochs 5
               decapflow train --memory world --gate --margin 0.01
+              torchrun --nproc-per-node 2 -m decapflow.cli train --memory world --prefect off
+                  (DistributedDataParallel: gloo on CPU, NCCL on GPU; --batch-size is per process)
     """
     from decapflow.decoder.train import TrainRecipe
 
@@ -69,6 +71,8 @@ def train(memory: str, config: str, epochs: int | None, max_steps: int | None, b
     result, overhead = run_maybe_in_prefect("train", prefect, bank=memory, config=config, recipe=recipe,
                                             store=store, resume=resume, progress=not as_json, gate=gate,
                                             metric=metric, margin=margin)
+    if result.get("rank"):  # under torchrun, rank 0 reports
+        return
     if as_json:
         echo_json({**result, "prefect_seconds": overhead})
         return

@@ -44,6 +44,14 @@ class Dist:
         torch.distributed.all_reduce(t)
         return t.tolist()
 
+    def broadcast(self, value: object) -> object:
+        """Rank 0's ``value`` on every rank (the process group must be set up)."""
+        if self.world == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
