@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -117,6 +117,17 @@ def write_chunk(bank: MemoryBank, sentences: list[Sentence], vectors: np.ndarray
                     source=sentences[0].source if sentences else "", added_at=added_at)
 
 
+class RemoteEmbedder(Protocol):
+    """Embeds chunks elsewhere (a Dask cluster, Prefect tasks on one): ``submit(texts)`` returns a future whose
+    ``result()`` is ``([n, dim] vectors, truncated)``; ``window`` futures may be pending at once."""
+
+    spec: str
+    dim: int
+    window: int
+
+    def submit(self, texts: list[str]) -> Any: ...
+
+
 def run_ingest(
     path: Path,
     memory: str | None = None,
@@ -132,9 +143,14 @@ def run_ingest(
     progress: bool = False,
     embed: Callable[..., tuple[np.ndarray, int]] = embed_chunk,
     write: Callable[..., int] = write_chunk,
+    workers: int | None = None,
+    cluster: str | None = None,
+    remote: RemoteEmbedder | None = None,
 ) -> IngestReport:
     """Ingest ``path`` into bank ``memory``. ``embed``/``write`` may be replaced by orchestrated versions of
-    :func:`embed_chunk` / :func:`write_chunk` (same signatures)."""
+    :func:`embed_chunk` / :func:`write_chunk` (same signatures). With ``workers`` (a local Dask cluster) or
+    ``cluster`` (a Dask scheduler address), or a ready ``remote`` embedder, chunks are embedded elsewhere and
+    still written in order (:mod:`decapflow.dask_embed`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"corpus {str(path)!r} does not exist")
@@ -143,14 +159,34 @@ def run_ingest(
     check_text(path, fmt)  # a binary file is refused before the bank is created or opened
     if fmt is None:
         detect_format(path)  # so is a file of unknown format
-    bank, enc = open_bank(name, encoder, store, device)
+    if remote is None and (workers or cluster):
+        from decapflow.dask_embed import DaskEmbedder
+
+        registry = Registry(store)
+        spec = encoder or (registry.open(name).encoder if registry.exists(name) else DEFAULT_ENCODER)
+        with DaskEmbedder(spec, device, address=cluster, workers=workers, batch_size=batch_size) as dask:
+            return run_ingest(path, memory, encoder, store, chunk_size=chunk_size, batch_size=batch_size, fmt=fmt,
+                              field=field, errors=errors, device=device, progress=progress, write=write, remote=dask)
+    if remote is None:
+        bank, enc = open_bank(name, encoder, store, device)
+
+        def embedded(chunks: Iterator[list[Sentence]]) -> Iterator[tuple[list[Sentence], tuple[np.ndarray, int]]]:
+            return ((chunk, embed(enc, chunk, batch_size)) for chunk in chunks)
+    else:
+        bank = Registry(store).create(name, remote.spec, remote.dim, exist_ok=True)
+        bank.check_encoder(encoder or bank.encoder)
+
+        def embedded(chunks: Iterator[list[Sentence]]) -> Iterator[tuple[list[Sentence], tuple[np.ndarray, int]]]:
+            from decapflow.dask_embed import ordered
+
+            return ordered(chunks, lambda chunk: remote.submit([s.text for s in chunk]), remote.window)
     report = IngestReport(bank=name, encoder=bank.encoder, source=path.name)
     stats = CorpusStats()
     added_at = datetime.now(timezone.utc)
     bar = _progress_bar(progress, name)
     try:
-        for chunk in read_chunks(path, bank.hashes(), stats, chunk_size, fmt, field, errors):
-            vectors, truncated = embed(enc, chunk, batch_size)
+        for chunk, (vectors, truncated) in embedded(read_chunks(path, bank.hashes(), stats, chunk_size, fmt, field,
+                                                                errors)):
             written = write(bank, chunk, vectors, added_at)
             report.written += written
             report.concurrent += len(chunk) - written

@@ -249,7 +249,9 @@ class MemoryBank:
             return 0
         if vectors.shape != (len(hashes), self.dim):
             raise BankError(f"expected vectors of shape ({len(hashes)}, {self.dim}), got {vectors.shape}")
-        flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
+        # A fresh, aligned copy when needed: vectors unpickled from a Dask worker can sit unaligned in their buffer,
+        # which Arrow-rs refuses (a panic in LanceDB).
+        flat = pa.array(np.require(vectors, np.float32, ["C_CONTIGUOUS", "ALIGNED"]).reshape(-1))
         batch = pa.table(
             {
                 "hash": pa.array(hashes, pa.string()),
@@ -264,8 +266,9 @@ class MemoryBank:
             self.table.add(batch)
             return len(hashes)
         with self.store.lock(f"bank-{self.name}"):
-            self.table.checkout_latest()  # the join must see what other writers committed
-            result = self.table.merge_insert("hash").when_not_matched_insert_all().execute(batch)
+            fresh = self.store.db.open_table(self.name)  # the join must see what other writers committed
+            result = fresh.merge_insert("hash").when_not_matched_insert_all().execute(batch)
+        self.table.checkout_latest()
         return int(result.num_inserted_rows)
 
     def export(self, path: Path) -> int:
@@ -321,12 +324,9 @@ class Registry:
     def create(self, name: str, encoder: str, dim: int, exist_ok: bool = False) -> MemoryBank:
         """Create bank ``name`` empty. ``exist_ok``: open it instead when it exists (or another process created
         it a moment ago), checking it was built with ``encoder``."""
-        if not self.exists(name):
-            try:
+        with self.store.creating():  # one creator at a time (LanceDB's create is not atomic)
+            if not self.exists(name):
                 return MemoryBank(name, self.db.create_table(name, schema=bank_schema(dim, encoder)), self.store)
-            except (OSError, ValueError, RuntimeError):
-                if not self.exists(name):
-                    raise
         if not exist_ok:
             raise BankError(f"memory bank {name!r} already exists")
         bank = self.open(name)

@@ -122,17 +122,36 @@ class Store:
                       if i.type == pafs.FileType.Directory)
 
     # ------------------------------------------------------------------ tables
+    @contextmanager
+    def creating(self) -> Iterator[None]:
+        """Hold while creating a table. LanceDB 0.40 does not make creation atomic: two processes (or threads)
+        creating one table at once can both succeed, the second as an *overwrite* of the first (measured: 4 of
+        10 three-way races), which would reset a lock or drop a bank's first rows. In a local store creations
+        take turns on a file lock; object stores have no such lock here, so create a bank before writing to it
+        from several machines at once."""
+        if not self.local:
+            yield
+            return
+        import fcntl
+
+        with open(Path(self.root) / ".decapflow-create.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def table(self, name: str, schema: pa.Schema, data: pa.Table | None = None) -> Any:
-        """Open LanceDB table ``name``, creating it (with ``data``, or empty) when it does not exist yet.
-        Creation is safe to race: LanceDB commits the first version once, and the losers open it."""
+        """Open LanceDB table ``name``, creating it (with ``data``, or empty) when it does not exist yet."""
         try:
             return self.db.open_table(name)
         except (FileNotFoundError, ValueError):
             pass
-        try:
-            return self.db.create_table(name, data=data, schema=schema, exist_ok=True)
-        except (OSError, ValueError, RuntimeError):
-            return self.db.open_table(name)
+        with self.creating():
+            try:
+                return self.db.open_table(name)  # created while this one waited
+            except (FileNotFoundError, ValueError):
+                return self.db.create_table(name, data=data, schema=schema)
 
     # ------------------------------------------------------------------ locks
     @contextmanager

@@ -117,3 +117,29 @@ def test_decision_and_scores_round_trip_as_json(model) -> None:
     assert row["scores"] == {"text-8-v1": {"cider": 1.5}, "images-2-abc": {"cider": 0.2}}
     assert row["decision"]["reason"] == "x" and row["status"] == "rejected"
     assert json.loads(Path(reg.folder("b", a), "meta.json").read_text())["bank"] == "b"
+
+
+def test_lock_created_by_racing_threads_still_excludes(tmp_path: Path) -> None:
+    """Three threads race to create a lock's table and then take turns. LanceDB's create is not atomic (a second
+    creator can overwrite the first, resetting a lock already taken); the store serialises creation."""
+    import threading
+
+    store = Store(str(tmp_path / "store"))
+    count, inside, overlaps = [0], [0], [0]
+
+    def work() -> None:
+        for _ in range(10):
+            with store.lock("fresh", timeout=60):
+                inside[0] += 1
+                overlaps[0] += inside[0] > 1
+                n = count[0]
+                time.sleep(0.002)
+                count[0] = n + 1
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert count[0] == 30 and overlaps[0] == 0  # unserialised creation: lost increments and conflict errors

@@ -26,14 +26,19 @@ from decapflow.cli.base import Group, echo_json, human_bytes, json_option, main,
 @click.option("--chunk-size", default=4096, show_default=True, help="Sentences per committed chunk.")
 @click.option("--batch-size", default=256, show_default=True, help="Sentences per encoder batch.")
 @click.option("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present).")
+@click.option("--workers", type=click.IntRange(min=1), metavar="N",
+              help="Embed on a local Dask cluster of N single-threaded worker processes (commits stay in order).")
+@click.option("--cluster", metavar="ADDRESS",
+              help="Embed on a running Dask cluster (tcp://scheduler:8786); one worker per GPU works best.")
 @click.option("--prefect", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Run as a Prefect flow (tasks, retries, run history): 'auto' when PREFECT_API_URL answers, "
-                   "'on' always (a temporary local server when none is configured, ~8 s), 'off' never.")
+                   "'on' always (a temporary local server when none is configured, ~8 s), 'off' never. "
+                   "With --workers/--cluster the flow embeds through prefect-dask's DaskTaskRunner.")
 @store_option
 @json_option
 def ingest(corpus: Path, memory: str | None, encoder: str | None, fmt: str | None, field: str | None,
-           errors: str, chunk_size: int, batch_size: int, device: str | None, prefect: str,
-           store: str | None, as_json: bool) -> None:
+           errors: str, chunk_size: int, batch_size: int, device: str | None, workers: int | None,
+           cluster: str | None, prefect: str, store: str | None, as_json: bool) -> None:
     """Ingest a text corpus into a memory bank.
 
     CORPUS is .txt (a sentence per line), .jsonl, .csv/.tsv, COCO captions .json or .parquet, optionally
@@ -42,9 +47,13 @@ def ingest(corpus: Path, memory: str | None, encoder: str | None, fmt: str | Non
 
     \b
     Example (offline):  decapflow ingest corpora/world/corpus.txt.gz --memory world --encoder world
+    On a Dask cluster:  decapflow ingest big.txt --memory big --cluster tcp://scheduler:8786 --device cuda
     """
+    if workers and cluster:
+        raise click.UsageError("--workers starts a local cluster; --cluster names a running one: give one")
     kwargs = dict(memory=memory, encoder=encoder, store=store, chunk_size=chunk_size, batch_size=batch_size,
-                  fmt=fmt, field=field, errors=errors, device=device, progress=not as_json)
+                  fmt=fmt, field=field, errors=errors, device=device, progress=not as_json, workers=workers,
+                  cluster=cluster)
     report, overhead = run_maybe_in_prefect("ingest", prefect, path=str(corpus), **kwargs)
     if as_json:
         echo_json({**report, "prefect_seconds": overhead})
@@ -69,7 +78,7 @@ def run_maybe_in_prefect(flow: str, mode: str, **kwargs: Any) -> tuple[dict[str,
         return LIBRARY_RUNNERS[flow](**kwargs), None
     click.echo(f"prefect: running flow {flow!r} on {reason}", err=True)
     start = time.perf_counter()
-    result = flow_function(flow)(**kwargs)
+    result = flow_function(flow, kwargs.get("workers"), kwargs.get("cluster"))(**kwargs)
     total = time.perf_counter() - start
     return result, max(0.0, total - float(result.get("seconds", 0.0)))
 
@@ -89,11 +98,11 @@ def _train_in_process(**kwargs: Any) -> dict[str, Any]:
 LIBRARY_RUNNERS = {"ingest": _ingest_in_process, "train": _train_in_process}
 
 
-def flow_function(flow: str) -> Any:
+def flow_function(flow: str, workers: int | None = None, cluster: str | None = None) -> Any:
     if flow == "ingest":
-        from flows.ingest import ingest_flow
+        from flows.ingest import dask_ingest_flow, ingest_flow
 
-        return ingest_flow
+        return ingest_flow if not (workers or cluster) else dask_ingest_flow(workers, cluster)
     if flow == "train":
         from flows.train import train_flow
 
