@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from decapflow.decoder.registry import Decoders, decoders
+from decapflow.decoder.registry import Decoders, decoders, utc_now
 from decapflow.errors import BankError
 from decapflow.memory import MemoryBank, Registry
 from decapflow.store import Store, get_store
@@ -105,7 +105,7 @@ def text_eval_set(bank: MemoryBank, store: Store | str | None = None, create: bo
         if not chosen:
             raise BankError(f"bank {bank.name!r} is empty: nothing to evaluate decoders on")
         texts = dict(zip(*_rows(bank, chosen, ["hash", "text"]), strict=True))
-        return _record(store, EvalSet(bank.name, f"text-{len(chosen)}-v{bank.version}", "text", _now(),
+        return _record(store, EvalSet(bank.name, f"text-{len(chosen)}-v{bank.version}", "text", utc_now(),
                                       bank.version, held_out, chosen, [texts[h] for h in chosen]))
 
 
@@ -144,7 +144,7 @@ def add_image_eval_set(bank: MemoryBank, annotations: Path, images: Path, store:
         out.write(json.dumps(refs).encode())
     info = {"images": len(by_file), "captions": sum(map(len, references.values())), "source": str(annotations),
             "split": split}
-    return _record(store, EvalSet(bank.name, set_id, "images", _now(), bank.version, True, info=info))
+    return _record(store, EvalSet(bank.name, set_id, "images", utc_now(), bank.version, True, info=info))
 
 
 def drop_eval_sets(bank: str, store: Store | str | None = None) -> int:
@@ -304,7 +304,3 @@ def decide(bank_name: str, challenger: str, *, gate: bool = True, metric: str = 
 
         decoder_decided(decision.to_dict())
     return decision
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

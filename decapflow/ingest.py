@@ -83,6 +83,13 @@ def bank_name_for(path: Path, memory: str | None) -> str:
     return check_name(name.replace(".", "-"))
 
 
+def encoder_for(memory: str, encoder: str | None, store: str | None) -> str:
+    """The encoder spec an ingest into ``memory`` uses: ``encoder``, else the existing bank's, else the default
+    (without loading it: a remote embedder loads it where it runs)."""
+    registry = Registry(store)
+    return encoder or (registry.open(memory).encoder if registry.exists(memory) else DEFAULT_ENCODER)
+
+
 def open_bank(memory: str, encoder: str | None, store: str | None, device: str | None = None
               ) -> tuple[MemoryBank, Encoder]:
     """Open (or create) bank ``memory`` and load its encoder. An existing bank's own encoder is the default;
@@ -162,9 +169,7 @@ def run_ingest(
     if remote is None and (workers or cluster):
         from decapflow.dask_embed import DaskEmbedder
 
-        registry = Registry(store)
-        spec = encoder or (registry.open(name).encoder if registry.exists(name) else DEFAULT_ENCODER)
-        with DaskEmbedder(spec, device, address=cluster, workers=workers, batch_size=batch_size) as dask:
+        with DaskEmbedder(encoder_for(name, encoder, store), device, address=cluster, workers=workers, batch_size=batch_size) as dask:
             return run_ingest(path, memory, encoder, store, chunk_size=chunk_size, batch_size=batch_size, fmt=fmt,
                               field=field, errors=errors, device=device, progress=progress, write=write, remote=dask)
     if remote is None:

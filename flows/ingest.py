@@ -12,9 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
 from decapflow.dask_embed import embed_texts, encoder_info
-from decapflow.encoders import DEFAULT_ENCODER
-from decapflow.ingest import DEFAULT_CHUNK, bank_name_for, embed_chunk, run_ingest, write_chunk
-from decapflow.memory import Registry
+from decapflow.ingest import DEFAULT_CHUNK, bank_name_for, embed_chunk, encoder_for, run_ingest, write_chunk
 
 embed_task = task(embed_chunk, name="embed-chunk", cache_policy=NO_CACHE)
 write_task = task(write_chunk, name="write-chunk", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=2)
@@ -55,9 +53,7 @@ def ingest_flow(
                   progress=progress, write=write_task)
     on_dask = type(FlowRunContext.get().task_runner).__name__ == "DaskTaskRunner"
     if (workers or cluster) and on_dask:
-        registry = Registry(store)
-        name = bank_name_for(path, memory)
-        spec = encoder or (registry.open(name).encoder if registry.exists(name) else DEFAULT_ENCODER)
+        spec = encoder_for(bank_name_for(path, memory), encoder, store)
         remote = TaskEmbedder(spec, device, batch_size, window=2 * (workers or 2))
         report = run_ingest(path, memory, encoder, store, remote=remote, **common)
     else:

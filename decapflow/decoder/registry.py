@@ -46,7 +46,7 @@ def _check(name: str, what: str) -> str:
     return name
 
 
-def _now() -> str:
+def utc_now() -> str:
     """UTC time to the microsecond: records sort by it (ids of one second do not)."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -143,8 +143,8 @@ class Decoders:
         if self._rows(f"bank = {_sql(bank)} AND id = {_sql(decoder_id)}"):
             return decoder_id  # the same weights registered twice within a second
         self.store.put_dir(Path(folder), self.folder(bank, decoder_id))
-        row = {"bank": bank, "id": decoder_id, "status": status, "created": _now(),
-               "updated": _now(), "bank_version": meta.get("bank_version"), "parent": meta.get("parent") or "",
+        row = {"bank": bank, "id": decoder_id, "status": status, "created": utc_now(),
+               "updated": utc_now(), "bank_version": meta.get("bank_version"), "parent": meta.get("parent") or "",
                "encoder": meta.get("encoder") or "", "meta": json.dumps(meta, default=str), "scores": "{}",
                "decision": "null"}
         self.records.add(pa.Table.from_pylist([row], schema=RECORDS))
@@ -164,7 +164,7 @@ class Decoders:
         row = self.record(bank, decoder_id)
         if row is None:
             raise UnknownDecoder(f"bank {bank!r} has no decoder {decoder_id!r}")
-        values: dict[str, Any] = {"updated": _now()}
+        values: dict[str, Any] = {"updated": utc_now()}
         if status is not None:
             values["status"] = status
         if scores is not None:
@@ -207,7 +207,7 @@ class Decoders:
         return previous
 
     def _write_pointer(self, bank: str, decoder_id: str, history: list[str], reason: str, exists: bool) -> None:
-        values = {"bank": bank, "decoder": decoder_id, "history": json.dumps(history), "updated": _now(),
+        values = {"bank": bank, "decoder": decoder_id, "history": json.dumps(history), "updated": utc_now(),
                   "reason": reason}
         if exists:
             self.pointers.update(where=f"bank = {_sql(bank)}", values=values)
