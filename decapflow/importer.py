@@ -120,7 +120,7 @@ def read_embeddings(path: Path, text_field: str | None = None, vector_field: str
 
 
 def run_import(path: Path, memory: str, encoder: str | None = None, store: str | None = None, *,
-               text_field: str | None = None, vector_field: str | None = None, chunk_size: int = 4096,
+               text_field: str | None = None, vector_field: str | None = None, chunk_size: int = 16_384,
                progress: bool = False) -> ImportReport:
     """Import ``path``'s texts and embeddings into bank ``memory`` (created with ``encoder`` when new)."""
     start = time.perf_counter()
@@ -146,8 +146,9 @@ def run_import(path: Path, memory: str, encoder: str | None = None, store: str |
         bar = tqdm(desc=f"import {name}", unit=" rows", unit_scale=True, dynamic_ncols=True)
     try:
         for texts, vectors in batches:
-            if bank is None:  # created from the first batch's dimension
+            if bank is None:  # created from the first batch's dimension (or by a concurrent import just now)
                 bank = registry.create(name, encoder, vectors.shape[1], exist_ok=True)
+                known = bank.hashes()
             report.written += _write(bank, texts, vectors, known, seen, report, added_at)
             if bar is not None:
                 bar.update(len(texts))
@@ -196,6 +197,7 @@ def _write(bank: MemoryBank, texts: list[Any], vectors: np.ndarray, known: set[s
     off = np.abs(norms[keep_rows] - 1.0) > 1e-3
     report.normalised += int(off.sum())
     rows = rows / norms[keep_rows, None]
-    written = bank.add(hashes, kept_texts, rows.astype(np.float32), source=report.source, added_at=added_at)
+    written = bank.add(hashes, kept_texts, rows.astype(np.float32), source=report.source, added_at=added_at,
+                       known_version=bank.known_version)
     report.concurrent += len(hashes) - written
     return written

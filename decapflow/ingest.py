@@ -118,10 +118,11 @@ def embed_chunk(encoder: Encoder, sentences: list[Sentence], batch_size: int = 2
     return encoder.encode_tokens(ids, batch_size), truncated
 
 
-def write_chunk(bank: MemoryBank, sentences: list[Sentence], vectors: np.ndarray, added_at: datetime) -> int:
-    """Append one chunk to the bank in a single commit."""
+def write_chunk(bank: MemoryBank, sentences: list[Sentence], vectors: np.ndarray, added_at: datetime,
+                known_version: int | None = None) -> int:
+    """Append one chunk to the bank in a single commit (``known_version``: see :meth:`MemoryBank.add`)."""
     return bank.add([s.hash for s in sentences], [s.text for s in sentences], vectors,
-                    source=sentences[0].source if sentences else "", added_at=added_at)
+                    source=sentences[0].source if sentences else "", added_at=added_at, known_version=known_version)
 
 
 class RemoteEmbedder(Protocol):
@@ -192,7 +193,7 @@ def run_ingest(
     try:
         for chunk, (vectors, truncated) in embedded(read_chunks(path, bank.hashes(), stats, chunk_size, fmt, field,
                                                                 errors)):
-            written = write(bank, chunk, vectors, added_at)
+            written = write(bank, chunk, vectors, added_at, bank.known_version)  # chunks hold only unseen hashes
             report.written += written
             report.concurrent += len(chunk) - written
             report.truncated += truncated

@@ -78,6 +78,41 @@ def test_search_and_vector_cache(decapflow_home: Path) -> None:
     assert len(cached) == 51 and texts[50].as_py() == "new"
 
 
+def test_vector_cache_streams_in_batches_and_has_a_bfloat16_copy(decapflow_home: Path, monkeypatch) -> None:
+    import decapflow.memory as memory
+
+    monkeypatch.setattr(memory, "CACHE_BATCH_ROWS", 16)  # several batches, a partial last one
+    bank = Registry().create("s", "e", 8)
+    vectors = unit(50, 8)
+    add(bank, [f"s{i}" for i in range(50)], vectors)
+    half, texts = bank.vector_cache("bfloat16")  # written first: the texts come with it
+    assert half.nbytes == 50 * 8 * 2 and [t.as_py() for t in texts] == [f"s{i}" for i in range(50)]
+    np.testing.assert_allclose(half[:], vectors, atol=4e-3)
+    full, texts = bank.vector_cache()
+    np.testing.assert_array_equal(full, vectors)
+    assert len(texts) == 50
+    with pytest.raises(ValueError, match="precision"):
+        bank.vector_cache("float16")
+
+
+def test_known_version_appends_only_while_no_one_else_wrote(decapflow_home: Path) -> None:
+    """A writer that filtered against hashes() appends; after another writer's commit it joins on hash again."""
+    reg = Registry()
+    mine, theirs = reg.create("k", "e", 8), reg.open
+    known = mine.hashes()
+    assert known == set() and mine.known_version == mine.version
+    now = datetime.now(timezone.utc)
+    assert mine.add(["a", "b"], ["a", "b"], unit(2, 8), "x", now, known_version=mine.known_version) == 2
+    assert mine.known_version == mine.version  # appended: the next chunk may append too
+    other = theirs("k")
+    assert other.add(["c"], ["c"], unit(1, 8, 1), "y", now) == 1  # another writer, unseen by `mine`
+    # `mine` has not seen "c": its stale known_version must not let a second "c" in
+    assert mine.add(["c", "d"], ["c", "d"], unit(2, 8, 2), "x", now, known_version=mine.known_version) == 1
+    assert mine.known_version is None
+    column = mine.table.search().select(["hash"]).limit(None).to_arrow().column("hash").to_pylist()
+    assert sorted(column) == ["a", "b", "c", "d"]
+
+
 def test_export_and_delete(tmp_path: Path) -> None:
     registry = Registry()
     bank = registry.create("e", "enc", 4)

@@ -8,6 +8,7 @@ import torch
 
 from decapflow.projection import (
     STRATEGIES,
+    BF16Rows,
     Projection,
     _blas_threads,
     _openblas_thread_api,
@@ -166,3 +167,24 @@ def test_blas_threads_follow_torch_and_are_restored():
         assert api.get() == before
     finally:
         torch.set_num_threads(torch_threads)
+
+
+def test_bfloat16_bank_keeps_results(queries, bank):
+    """A bfloat16 copy (half the bytes) gives the float32 bank's projection up to the rounding of its rows."""
+    bits = BF16Rows.encode(bank)
+    assert bits.dtype == np.uint16 and bits.shape == bank.shape
+    rows = BF16Rows(bits)
+    np.testing.assert_allclose(rows[:], bank, atol=2e-3)  # 8 significant bits
+    assert rows[[3, 7]].shape == (2, 32) and rows[5].shape == (32,) and len(rows) == 300
+    exact = project(queries, bank, tau=0.01)
+    for chunk_rows in (7, 64, None):
+        half = project(queries, rows, tau=0.01, chunk_rows=chunk_rows)
+        assert (half.vectors * exact.vectors).sum(axis=1).min() > 0.999  # 32-d; more dims average the rounding out
+        np.testing.assert_allclose(half.support_weights.sum(axis=1), exact.support_weights.sum(axis=1), atol=0.05)
+    best_ids, best = nearest(queries, bank, k=1)
+    half_ids, _ = nearest(queries, rows, k=1)  # may pick a near-tie: its true similarity is within the rounding
+    assert (best[:, 0] - (bank[half_ids[:, 0]] * queries).sum(axis=1)).max() < 4e-3
+    ids = nearest(queries, bank, k=16)[0]
+    np.testing.assert_allclose(gather_neighbors(rows, ids), bank[ids], atol=2e-3)
+    with pytest.raises(ValueError, match="uint16"):
+        BF16Rows(bank)

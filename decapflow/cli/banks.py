@@ -261,7 +261,7 @@ def memory_eval_set(name: str, annotations: Path | None, images: Path | None, sp
                    "any other than its own).")
 @click.option("--text-field", help="Parquet column of the texts (default: caption, then text).")
 @click.option("--vector-field", help="Parquet column of the vectors (default: vector, then embedding).")
-@click.option("--chunk-size", type=click.IntRange(min=1), default=4096, show_default=True,
+@click.option("--chunk-size", type=click.IntRange(min=1), default=16_384, show_default=True,
               help="Rows per committed chunk.")
 @store_option
 @json_option
