@@ -21,9 +21,19 @@ from decapflow.decoder.vocab import Vocab
 from decapflow.encoders import Encoder, load_encoder
 from decapflow.memory import BankError, MemoryBank, Registry
 
-#: Banks at least this large use the LanceDB ANN index for ``topk`` (built on first use); smaller ones take
-#: their exact top-k from the local vector copy, which is fast enough and exact.
+#: Banks at least this large use the LanceDB ANN index for ``topk`` (built on first use; ``decapflow memory index``
+#: builds it ahead); smaller ones take their exact top-k from the local vector copy, which is fast enough and exact.
 ANN_MIN_ROWS = 200_000
+#: ``precision="auto"`` projects over a bfloat16 copy of banks whose float32 vectors take at least this many bytes
+#: (512k rows at 512-d): half the memory and bytes read, the same projection up to cosine ~1e-5 (measured).
+BF16_MIN_BYTES = 1 << 30
+
+
+def bank_precision(bank: MemoryBank, precision: str = "auto") -> str:
+    """``float32`` or ``bfloat16`` for the bank's local vector copy; ``auto`` picks by size (BF16_MIN_BYTES)."""
+    if precision == "auto":
+        return "bfloat16" if len(bank) * bank.dim * 4 >= BF16_MIN_BYTES else "float32"
+    return precision
 
 
 @dataclass
@@ -52,20 +62,22 @@ class Captioner:
     """Captions images against one memory bank with one decoder (``clipre`` needs no decoder)."""
 
     def __init__(self, encoder: Encoder, bank: MemoryBank, decoder: DeCapDecoder | None, vocab: Vocab | None,
-                 options: Options | None = None) -> None:
+                 options: Options | None = None, precision: str = "auto") -> None:
         self.encoder, self.bank, self.decoder, self.vocab = encoder, bank, decoder, vocab
         self.options = self._checked(options or Options())
         if decoder is not None and decoder.config.prefix_dim != bank.dim:
             raise BankError(f"decoder expects {decoder.config.prefix_dim}-d prefixes, bank {bank.name!r} is "
                             f"{bank.dim}-d")
         self.bank_version = bank.version
-        self.vectors, self.texts = bank.vector_cache()  # memory-mapped, tied to the bank version
+        self.precision = bank_precision(bank, precision)
+        self.vectors, self.texts = bank.vector_cache(self.precision)  # memory-mapped, tied to the bank version
         self.decoder_path: Path | None = None  # where the decoder came from, when loaded from a folder
 
     @classmethod
     def for_bank(cls, name: str, options: Options | None = None, decoder: str | None = None,
-                 store: str | None = None, device: str | None = None) -> Captioner:
-        """Open bank ``name``, its encoder and its current decoder (or ``decoder``: an id or a folder)."""
+                 store: str | None = None, device: str | None = None, precision: str = "auto") -> Captioner:
+        """Open bank ``name``, its encoder and its current decoder (or ``decoder``: an id or a folder).
+        ``precision``: of the bank copy the strategies read (see :func:`bank_precision`)."""
         bank = Registry(store).open(name)
         options = options or Options()
         model = vocab = folder = None
@@ -73,7 +85,7 @@ class Captioner:
             folder = resolve_decoder(name, decoder, store=store)
             model, vocab, meta = load_decoder(folder, device or "cpu")
             check_decoder_encoder(meta, folder, bank)
-        captioner = cls(load_encoder(bank.encoder, device), bank, model, vocab, options)
+        captioner = cls(load_encoder(bank.encoder, device), bank, model, vocab, options, precision)
         captioner.decoder_path = folder
         return captioner
 

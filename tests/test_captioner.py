@@ -132,3 +132,23 @@ def test_topk_over_the_ann_index_matches_exact_topk(monkeypatch: pytest.MonkeyPa
     assert bank.has_index()
     assert (np.sum(ann * exact, axis=1) > 0.99).all()
     assert all(s and s[0][0].startswith("s") for s in support)
+
+
+def test_bfloat16_bank_copy_gives_the_same_captions(home: Path, images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """precision="auto" switches big banks to the bfloat16 copy; the captions and support stay the same."""
+    import decapflow.captioner as captioner_module
+    from decapflow.projection import BF16Rows
+
+    full = Captioner.for_bank("shapes", Options(strategy="pd"), precision="float32")
+    assert full.precision == "float32" and Captioner.for_bank("shapes").precision == "float32"  # small: auto keeps f32
+    monkeypatch.setattr(captioner_module, "BF16_MIN_BYTES", 1)
+    half = Captioner.for_bank("shapes", Options(strategy="pd"))
+    assert half.precision == "bfloat16" and isinstance(half.vectors, BF16Rows)
+    pil = [load_image(p) for p in sorted(images.iterdir())]
+    for strategy in ("pd", "topk", "nnd", "clipre"):
+        a = full.with_options(Options(strategy=strategy, k=4)).caption(pil)
+        b = half.with_options(Options(strategy=strategy, k=4)).caption(pil)
+        assert [c.caption for c in a] == [c.caption for c in b], strategy
+        assert [c.support[0][0] for c in a] == [c.support[0][0] for c in b], strategy
+    with pytest.raises(ValueError, match="precision"):
+        Captioner.for_bank("shapes", precision="float16")

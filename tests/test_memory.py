@@ -138,13 +138,30 @@ def test_ann_index_finds_stored_rows() -> None:
     bank = Registry().create("ann", "e", 32)
     vectors = unit(6000, 32, seed=3)
     add(bank, [f"s{i}" for i in range(6000)], vectors)
-    assert not bank.has_index()
+    assert not bank.has_index() and bank.index_kind() is None
     bank.build_index()
-    assert bank.has_index()
-    neighbours, texts = bank.ann_neighbors(vectors[:20], k=5)
+    assert bank.index_kind() == "ivf_flat"
+    neighbours, texts = bank.ann_neighbors(vectors[:20], k=5, nprobes=1000)  # every partition: exact
     assert neighbours.shape == (20, 5, 32)
-    assert sum(t[0] == f"s{i}" for i, t in enumerate(texts)) >= 19  # each row is its own nearest neighbour
+    assert all(t[0] == f"s{i}" for i, t in enumerate(texts))  # each row is its own nearest neighbour
     np.testing.assert_allclose(neighbours[0, 0], vectors[0], atol=1e-6)
+    exact = np.argsort(-(vectors[:20] @ vectors.T), axis=1)[:, :5]
+    assert [[f"s{i}" for i in row] for row in exact] == texts  # flat: exact distances, same order
+    one, one_texts = bank.ann_neighbors(vectors[3], k=5, nprobes=1000)  # a single [D] query
+    assert one.shape == (1, 5, 32) and one_texts == texts[3:4]
+    bank.build_index("ivf_pq")
+    assert bank.index_kind() == "ivf_pq"
+    _, texts = bank.ann_neighbors(vectors[:20], k=5)  # compressed, re-ranked 10x by default
+    assert sum(t[0] == f"s{i}" for i, t in enumerate(texts)) >= 18
+    with pytest.raises(BankError, match="unknown index kind"):
+        bank.build_index("hnsw")
+    from click.testing import CliRunner
+
+    from decapflow.cli import main
+
+    result = CliRunner().invoke(main, ["memory", "index", "ann", "--partitions", "8", "--iterations", "2"])
+    assert result.exit_code == 0, result.output
+    assert "ivf_flat index over 6,000 rows" in result.output and Registry().open("ann").index_kind() == "ivf_flat"
     small = Registry().create("small", "e", 4)
     with pytest.raises(BankError, match="too few for an ANN index"):
         small.build_index()

@@ -18,10 +18,15 @@ from decapflow.cli.base import echo_json, json_option, main, store_option
 @click.option("--memory", "-m", required=True, help="The bank to project onto (and whose decoder to use).")
 @click.option("--strategy", type=click.Choice(["pd", "topk", "nnd", "vd", "clipre"]), default="pd",
               show_default=True,
-              help="pd: projection onto the bank (DeCap); topk: projection onto the k nearest rows (large banks); "
-                   "nnd: nearest bank embedding; vd: the raw image embedding; clipre: the nearest bank sentence.")
+              help="pd: projection onto the whole bank (DeCap), exact; topk: projection onto the k nearest rows, "
+                   "exact below 200k rows, APPROXIMATE above (neighbours from the bank's IVF index, built on first use "
+                   "or by 'decapflow memory index'); nnd: nearest bank embedding; vd: the raw image embedding; "
+                   "clipre: the nearest bank sentence.")
 @click.option("--tau", default=0.01, show_default=True, help="Projection temperature.")
 @click.option("--k", default=64, show_default=True, help="Neighbours for --strategy topk.")
+@click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+              help="Of the bank copy that pd/topk/nnd/clipre read: bfloat16 halves memory and bytes read (same captions "
+                   "up to rounding); auto uses it for banks of 1 GiB of float32 vectors (512k rows at 512-d) or more.")
 @click.option("--beam", default=1, show_default=True, help="Beam width (1 = greedy).")
 @click.option("--max-len", default=30, show_default=True, help="Maximum caption tokens.")
 @click.option("--decoder", "decoder_id", help="A decoder id of the bank or a checkpoint folder (default: current).")
@@ -37,7 +42,8 @@ from decapflow.cli.base import echo_json, json_option, main, store_option
                    "loading models here; --decoder then takes a decoder id (ID or BANK/ID).")
 @click.option("--api-key", envvar="DECAPFLOW_API_KEY", help="The server's API key (for --server).")
 @store_option
-def caption(images: tuple[str, ...], memory: str, strategy: str, tau: float, k: int, beam: int, max_len: int,
+def caption(images: tuple[str, ...], memory: str, strategy: str, tau: float, k: int, precision: str, beam: int,
+            max_len: int,
             decoder_id: str | None, fmt: str, output: Path | None, annotations: Path | None, batch_size: int,
             device: str | None, server: str | None, api_key: str | None, store: str | None) -> None:
     """Caption IMAGES (files, folders, globs) against memory bank MEMORY.
@@ -65,7 +71,8 @@ def caption(images: tuple[str, ...], memory: str, strategy: str, tau: float, k: 
         from decapflow.captioner import Captioner, Options, caption_paths
 
         options = Options(strategy=strategy, tau=tau, k=k, beam=beam, max_len=max_len, batch_size=batch_size)
-        captioner = Captioner.for_bank(memory, options, decoder=decoder_id, store=store, device=device)
+        captioner = Captioner.for_bank(memory, options, decoder=decoder_id, store=store, device=device,
+                                       precision=precision)
         captions, failures = caption_paths(captioner, paths, progress=output is not None or len(paths) > batch_size)
     text = render(captions, fmt, annotations)
     if output:
