@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from decapflow.config import default_device, home
 from decapflow.decoder.checkpoint import register
@@ -47,9 +49,9 @@ def train_from_bank(
         raise ValueError(f"bank {bank_name!r} has {len(bank)} sentences; ingest a corpus first")
     evalset = text_eval_set(bank, store)
     held = held_out_texts(bank_name, store)
-    vectors, texts = bank.vector_cache()
-    texts = texts.to_pylist()
-    keep = np.fromiter((t not in held for t in texts), bool, len(texts))
+    vectors, texts = bank.vector_cache()  # memory-mapped: torchrun ranks share them through the page cache
+    held_mask = pc.is_in(texts, value_set=pa.array(sorted(held), pa.string()))
+    keep = np.flatnonzero(~np.asarray(held_mask, dtype=bool))  # row indices, not a copy of the rows
     root = runs_dir(bank_name)
     previous = sorted(p for p in root.glob("*") if (p / "last").is_dir()) if root.is_dir() else []
     if resume and not previous:
@@ -58,13 +60,12 @@ def train_from_bank(
     dist.setup(default_device((recipe or TrainRecipe()).device))
     name = str(previous[-1] if resume else root / time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
     out_dir = Path(dist.broadcast(name))
-    meta = {"bank": bank_name, "bank_version": bank.version, "bank_rows": len(bank), "trained_rows": int(keep.sum()),
+    meta = {"bank": bank_name, "bank_version": bank.version, "bank_rows": len(bank), "trained_rows": len(keep),
             "eval_set": evalset.id if evalset else None, "encoder": bank.encoder,
             "parent": reg.current_id(bank_name), "config": str(config) if not isinstance(config, DecoderConfig) else "custom",
             "recipe": (recipe or TrainRecipe()).to_dict(), "run": str(out_dir)}
-    result = train_decoder([t for t, k in zip(texts, keep, strict=True) if k], np.array(vectors)[keep],
-                           config=config, recipe=recipe, out_dir=out_dir, resume=resume, progress=progress,
-                           on_epoch=on_epoch, meta=meta)
+    result = train_decoder(texts, vectors, rows=keep, config=config, recipe=recipe, out_dir=out_dir,
+                           resume=resume, progress=progress, on_epoch=on_epoch, meta=meta)
     if not dist.main:
         return "", result
     decoder_id = register(bank_name, result.best, make_current=promote, store=store)

@@ -1,9 +1,10 @@
 """Text-only training of the DeCap decoder: rebuild each sentence from its own unit CLIP text embedding.
 
 ``train_decoder(texts, vectors, config=..., recipe=..., out_dir=...)`` is a plain library function over arrays
-(the caller reads them from a memory bank). Texts are tokenised once (cached by content hash), mapped onto a
-compact vocabulary, split into train/validation with the recipe's seed, and batched padded to each batch's
-longest caption. AdamW, linear warm-up then linear decay to zero, gradient clipping, label-smoothed
+(the caller reads them from a memory bank; ``rows`` picks rows without copying them, so a memory-mapped bank
+cache is read per batch). Texts are tokenised once (cached by content hash; under torchrun by rank 0 alone),
+mapped onto a compact vocabulary, split into train/validation with the recipe's seed, and batched padded to each
+batch's longest caption. AdamW, linear warm-up then linear decay to zero, gradient clipping, label-smoothed
 cross-entropy on ``w1 ... wn <end>``.
 
 Every epoch writes ``out_dir/metrics.jsonl`` (one JSON object per epoch), ``out_dir/loss.png``, the checkpoint
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -34,7 +35,7 @@ from decapflow.config import cache_dir, default_device
 from decapflow.decoder.checkpoint import load_decoder, replace_dir, write_decoder_files
 from decapflow.decoder.distributed import Dist
 from decapflow.decoder.model import DeCapDecoder, DecoderConfig, load_config
-from decapflow.decoder.vocab import Captions, Vocab, prepare, texts_key
+from decapflow.decoder.vocab import Captions, Texts, Vocab, prepare
 
 
 @dataclass
@@ -322,12 +323,14 @@ class _Trainer:
 
 
 def train_decoder(
-    texts: Sequence[str], vectors: np.ndarray, *, config: DecoderConfig | str | Path,
+    texts: Texts, vectors: np.ndarray, *, config: DecoderConfig | str | Path,
     recipe: TrainRecipe | None = None, out_dir: Path, resume: bool = False, progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], Any] | None = None, meta: dict[str, Any] | None = None,
-    token_cache: Path | bool = True,
+    token_cache: Path | bool = True, rows: np.ndarray | None = None,
 ) -> TrainResult:
     """Train a decoder on ``texts`` and their unit CLIP vectors [N, D]; checkpoints go to ``out_dir``.
+    ``rows``: the indices of the rows to train on (default all); ``vectors`` may be a read-only memmap, which
+    stays one (each batch gathers and normalises its rows), shared by torchrun ranks through the page cache.
 
     ``config`` is a DecoderConfig or a bundled name/JSON path (prefix size and vocabulary are filled in).
     ``meta`` (bank, bank version, encoder spec, ...) is stored in every checkpoint's ``meta.json``.
@@ -339,7 +342,7 @@ def train_decoder(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = cache_dir() / "tokens" if token_cache is True else (token_cache or None)
-    data, vocab = prepare(texts, vectors, recipe.max_tokens, cache)
+    data, vocab = prepare(texts, vectors, recipe.max_tokens, cache, rows=rows, dist=dist)
     cfg = config if isinstance(config, DecoderConfig) else load_config(config)
     cfg = replace(cfg, prefix_dim=data.vectors.shape[1], vocab_size=len(vocab),
                   start_id=vocab.start_id, end_id=vocab.end_id)
@@ -351,7 +354,7 @@ def train_decoder(
     try:
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             torch.manual_seed(recipe.seed)
-            meta = {**(meta or {}), "texts_key": texts_key(texts, recipe.max_tokens)}
+            meta = {**(meta or {}), "texts_key": data.key}
             trainer = _Trainer(DeCapDecoder(cfg).to(device), vocab, data, recipe, out_dir, device, dist, meta)
             if resume and (out_dir / "last" / "train_state.pt").is_file():
                 trainer.restore(out_dir / "last")

@@ -21,21 +21,28 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import re
+import struct
 import sys
-from collections.abc import Iterable, Sequence
+import zipfile
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+import pyarrow as pa
 import torch
+
+from decapflow.decoder.distributed import Dist
 
 START_ID = 49406
 END_ID = 49407
 CLIP_VOCAB_SIZE = 49408
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,!?;:])")
+Texts = Sequence[str] | pa.Array | pa.ChunkedArray  # a list, or the Arrow column of a memory bank's cache
 
 
 @lru_cache(maxsize=1)
@@ -67,7 +74,29 @@ def tokenize(texts: Iterable[str], max_tokens: int | None = None) -> list[list[i
     return rows if max_tokens is None else [row[:max_tokens] for row in rows]
 
 
-def texts_key(texts: Sequence[str], max_tokens: int | None) -> str:
+class TextRows(Collection[str]):
+    """``texts[rows]`` read in chunks, without a Python list of them all (an Arrow column is read through
+    ``take``, so a memory-mapped bank cache stays on disk)."""
+
+    def __init__(self, texts: Texts, rows: np.ndarray) -> None:
+        self.texts, self.rows = texts, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[str]:
+        for i in range(0, len(self.rows), 1 << 16):
+            chunk = self.rows[i : i + (1 << 16)]
+            if isinstance(self.texts, pa.Array | pa.ChunkedArray):
+                yield from self.texts.take(pa.array(chunk)).to_pylist()
+            else:
+                yield from (self.texts[j] for j in chunk.tolist())
+
+    def __contains__(self, text: object) -> bool:
+        return any(t == text for t in self)
+
+
+def texts_key(texts: Collection[str], max_tokens: int | None) -> str:
     """A content hash of the texts and the cut: the key of the token cache."""
     digest = hashlib.sha256(f"clip-bpe|{max_tokens}|{len(texts)}\n".encode())
     for text in texts:
@@ -76,28 +105,67 @@ def texts_key(texts: Sequence[str], max_tokens: int | None) -> str:
     return digest.hexdigest()[:24]
 
 
+def load_tokens(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``flat`` and ``offsets`` of a token cache file, memory-mapped: ``np.savez`` stores its members
+    uncompressed, so each is a ``.npy`` at a fixed place in the zip (anything else is read the plain way)."""
+    arrays: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED:
+                with np.load(path) as saved:
+                    return saved["flat"], saved["offsets"]
+            raw.seek(info.header_offset + 26)  # local file header: name and extra-field lengths, then the data
+            name_len, extra_len = struct.unpack("<HH", raw.read(4))
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read_header(member)
+                start = info.header_offset + 30 + name_len + extra_len + member.tell()
+            name = info.filename.removesuffix(".npy")
+            arrays[name] = np.memmap(path, dtype, "r", start, shape, "F" if fortran else "C") \
+                if np.prod(shape) else np.zeros(shape, dtype)
+    return arrays["flat"], arrays["offsets"]
+
+
 def tokenize_cached(
-    texts: Sequence[str], max_tokens: int | None, cache_dir: Path | None
+    texts: Collection[str], max_tokens: int | None, cache_dir: Path | None, key: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Tokenise once; return CLIP ids as one flat array plus offsets (row i is ``flat[off[i]:off[i+1]]``).
 
-    With ``cache_dir`` the result is stored as ``<cache_dir>/<texts_key>.npz`` and reused by later calls on the
-    same texts (560k COCO captions take ~30 s to tokenise, ~0.1 s to reload)."""
-    path = cache_dir / f"{texts_key(texts, max_tokens)}.npz" if cache_dir is not None else None
+    With ``cache_dir`` the result is stored as ``<cache_dir>/<texts_key>.npz`` (``key``: that key, already
+    computed) and reused, memory-mapped, by later calls on the same texts (560k COCO captions take ~30 s to
+    tokenise, ~0.1 s to reload)."""
+    path = cache_dir / f"{key or texts_key(texts, max_tokens)}.npz" if cache_dir is not None else None
     if path is not None and path.exists():
-        with np.load(path) as saved:
-            return saved["flat"], saved["offsets"]
+        return load_tokens(path)
     rows = tokenize(texts, max_tokens)
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
     offsets = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     flat = np.fromiter((t for r in rows for t in r), dtype=np.int32, count=int(offsets[-1]))
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, flat=flat, offsets=offsets)
-        tmp.replace(path)
-    return flat, offsets
+    if path is None:
+        return flat, offsets
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")  # ranks of another node may write at the same time
+    np.savez(tmp, flat=flat, offsets=offsets)
+    tmp.replace(path)
+    return load_tokens(path)
+
+
+def shared_tokens(texts: Collection[str], max_tokens: int, cache: Path | None, dist: Dist
+                  ) -> tuple[str, np.ndarray, np.ndarray]:
+    """(texts key, flat, offsets), tokenised once: rank 0 tokenises (or reads the cache) and broadcasts the key
+    when done; the other ranks then memory-map that cache file (without a cache, rank 0 sends them the tokens)."""
+    if dist.main:
+        key = texts_key(texts, max_tokens)
+        flat, offsets = tokenize_cached(texts, max_tokens, cache, key)
+        dist.broadcast((key, None if cache else (flat, offsets)))
+        return key, flat, offsets
+    key, sent = cast(tuple[str, tuple[np.ndarray, np.ndarray] | None], dist.broadcast(None))
+    # the cache rank 0 filled; a node that does not see it (another machine) tokenises into its own
+    flat, offsets = sent if sent is not None else tokenize_cached(texts, max_tokens, cache, key)
+    return key, flat, offsets
 
 
 @dataclass
@@ -198,35 +266,46 @@ class Vocab:
 
 
 class Captions:
-    """Compact token rows (flat + offsets) with their prefix vectors; makes padded batches."""
+    """Caption rows for training: CLIP token rows (flat + offsets, memory-mapped from the token cache) and rows
+    ``rows`` of ``vectors`` (maybe a memmap, shared between torchrun ranks through the page cache). A batch
+    gathers its token rows and vectors, maps the ids onto the compact vocabulary and re-normalises the vectors."""
 
-    def __init__(self, flat: np.ndarray, offsets: np.ndarray, vectors: torch.Tensor, end_id: int) -> None:
-        self.flat, self.offsets, self.vectors, self.end_id = flat, offsets, vectors, end_id
-        self.lengths = np.diff(offsets)
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray, vectors: np.ndarray, rows: np.ndarray,
+                 vocab: Vocab, key: str) -> None:
+        self.flat, self.offsets, self.vectors, self.rows = flat, offsets, vectors, rows
+        self.vocab, self.key = vocab, key  # key: the texts' content hash (texts_key)
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return len(self.rows)
 
     def batch(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``prefix`` [B, D], ``inputs`` [B, L-1] (padded with <end>), ``targets`` [B, L-1] (padded with -100)."""
-        lengths = self.lengths[index]
+        starts = self.offsets[index]
+        lengths = self.offsets[index + 1] - starts
         L = int(lengths.max())
         cols = np.arange(L)
         valid = cols[None, :] < lengths[:, None]  # [B, L]
-        pos = np.minimum(self.offsets[index][:, None] + cols[None, :], len(self.flat) - 1)
-        ids = torch.from_numpy(np.where(valid, self.flat[pos], -100).astype(np.int64))  # [B, L]
-        inputs = ids[:, :-1].masked_fill(ids[:, :-1] < 0, self.end_id)
-        return self.vectors[torch.from_numpy(index)], inputs, ids[:, 1:]
+        pos = np.minimum(starts[:, None] + cols[None, :], len(self.flat) - 1)
+        ids = torch.from_numpy(np.where(valid, self.vocab.to_compact(self.flat[pos]), -100))  # [B, L]
+        inputs = ids[:, :-1].masked_fill(ids[:, :-1] < 0, self.vocab.end_id)
+        prefix = torch.from_numpy(np.asarray(self.vectors[self.rows[index]], dtype=np.float32))
+        return torch.nn.functional.normalize(prefix, dim=-1), inputs, ids[:, 1:]
 
 
-def prepare(texts: Sequence[str], vectors: np.ndarray, max_tokens: int, cache: Path | None) -> tuple[Captions, Vocab]:
-    """Tokenise (cached), build the compact vocabulary, check and re-normalise the vectors."""
-    vectors = np.asarray(vectors, dtype=np.float32)
+def prepare(texts: Texts, vectors: np.ndarray, max_tokens: int, cache: Path | None, *,
+            rows: np.ndarray | None = None, dist: Dist | None = None) -> tuple[Captions, Vocab]:
+    """Tokenise (once, cached), build the compact vocabulary, check the vectors. ``rows``: the rows of ``texts``
+    and ``vectors`` to train on (default all); the vectors are not copied (batches gather and normalise them)."""
+    if not isinstance(vectors, np.ndarray):
+        vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim != 2 or len(vectors) != len(texts):
         raise ValueError(f"need one vector per text: {len(texts)} texts, vectors of shape {vectors.shape}")
-    if len(texts) < 2:
+    rows = np.arange(len(texts)) if rows is None else np.asarray(rows, dtype=np.int64)
+    if len(rows) < 2:
         raise ValueError("need at least 2 texts (one for training, one for validation)")
-    flat, offsets = tokenize_cached(texts, max_tokens, cache)
-    vocab = Vocab.build(flat)
-    unit = torch.nn.functional.normalize(torch.from_numpy(vectors), dim=-1)
-    return Captions(vocab.to_compact(flat), offsets, unit, vocab.end_id), vocab
+    key, flat, offsets = shared_tokens(TextRows(texts, rows), max_tokens, cache, dist or Dist())
+    seen = np.zeros(CLIP_VOCAB_SIZE, dtype=bool)
+    for i in range(0, len(flat), 1 << 20):  # in chunks: no private copy of all the tokens
+        seen[flat[i : i + (1 << 20)]] = True
+    vocab = Vocab.build(np.flatnonzero(seen))
+    return Captions(flat, offsets, vectors, rows, vocab, key), vocab
