@@ -171,8 +171,10 @@ def run_ingest(
         from decapflow.dask_embed import DaskEmbedder
 
         with DaskEmbedder(encoder_for(name, encoder, store), device, address=cluster, workers=workers, batch_size=batch_size) as dask:
-            return run_ingest(path, memory, encoder, store, chunk_size=chunk_size, batch_size=batch_size, fmt=fmt,
-                              field=field, errors=errors, device=device, progress=progress, write=write, remote=dask)
+            report = run_ingest(path, memory, encoder, store, chunk_size=chunk_size, batch_size=batch_size, fmt=fmt,
+                                field=field, errors=errors, device=device, progress=progress, write=write, remote=dask)
+        report.seconds = time.perf_counter() - start  # with the cluster's start-up and close, like the local path
+        return report
     if remote is None:
         bank, enc = open_bank(name, encoder, store, device)
 
