@@ -25,8 +25,10 @@ from decapflow.memory import BankError, MemoryBank, Registry
 #: builds it ahead); smaller ones take their exact top-k from the local vector copy, which is fast enough and exact.
 ANN_MIN_ROWS = 200_000
 #: ``precision="auto"`` projects over a bfloat16 copy of banks whose float32 vectors take at least this many bytes
-#: (512k rows at 512-d): half the memory and bytes read, the same projection up to cosine ~1e-5 (measured).
-BF16_MIN_BYTES = 1 << 30
+#: (4M rows at 512-d). The copy halves memory and bytes read and gives the same projection up to cosine 1e-5, but
+#: widening it chunk by chunk costs time: 0.83x float32's speed for one image, 0.66x for 64 (1M rows, measured by
+#: ``benchmarks/big_bank.py``). So it pays where the float32 copy would crowd RAM (6.2M rows: 12.7 GB vs 6.4 GB).
+BF16_MIN_BYTES = 8 << 30
 
 
 def bank_precision(bank: MemoryBank, precision: str = "auto") -> str:
