@@ -42,23 +42,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from topk import clustered_rows as clustered  # noqa: E402  (the same synthetic world as the topk benchmark)
+from topk import image_like_queries as image_like  # noqa: E402
+from topk import unit_rows  # noqa: E402
+
 SHARD_ROWS = 1_000_000
 CHUNK = 16_384  # rows per commit, both for the import and for its bare-LanceDB baseline
-
-
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def clustered(n: int, centres: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    dim = centres.shape[1]
-    which = rng.integers(0, len(centres), n)
-    return unit_rows(centres[which] + rng.standard_normal((n, dim), dtype=np.float32) * (0.75 / np.sqrt(dim)))
-
-
-def image_like(n: int, centres: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    text = clustered(n, centres, rng)
-    return unit_rows(text + 3.2 * rng.standard_normal(text.shape, dtype=np.float32) / np.sqrt(centres.shape[1]))
 
 
 def write_shards(folder: Path, rows: int, centres: np.ndarray, rng: np.random.Generator) -> list[Path]:
