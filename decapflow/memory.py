@@ -253,7 +253,7 @@ class MemoryBank:
 
     def build_index(self, kind: str = "ivf_flat", partitions: int | None = None, sub_vectors: int | None = None,
                     iterations: int = 10, sample_rate: int = 64, accelerator: str | None = None) -> None:
-        """A cosine IVF index on the vectors, kept with the bank (rebuild after large ingests).
+        """An IVF index on the (unit) vectors, by dot product, kept with the bank (rebuild after large ingests).
 
         ``ivf_flat`` (default) keeps full vectors in each partition, so the hits within the probed partitions are
         exact: image queries (far from every sentence) get recall@64 0.97-1.0 at 300k rows, where ``ivf_pq``'s
@@ -269,7 +269,10 @@ class MemoryBank:
             raise BankError(f"bank {self.name!r} has {rows} rows: too few for an ANN index (exact search is fast)")
         # LanceDB trains at most rows / sample_rate partitions; asking for more leaves some untrained.
         partitions = partitions or max(1, min(4096, int(rows**0.5), rows // sample_rate))
-        common = dict(distance_type="cosine", num_partitions=partitions, max_iterations=iterations,
+        # "dot", not "cosine": the rows are unit vectors, so both rank them alike, but with "cosine" LanceDB routes a
+        # query far from every row (an image) to nearly empty partitions: recall@64 0.03 at 2M rows, 1.0 with "dot"
+        # (benchmarks/ivf_routing.py --metric).
+        common = dict(distance_type="dot", num_partitions=partitions, max_iterations=iterations,
                       sample_rate=sample_rate, accelerator=accelerator)
         if kind == "ivf_flat":
             config = IvfFlat(**common)
@@ -287,7 +290,7 @@ class MemoryBank:
         with zero vectors and empty texts."""
         queries = np.atleast_2d(np.ascontiguousarray(queries, dtype=np.float32))
         search = (self.table.search(queries if len(queries) > 1 else queries[0], vector_column_name="vector")
-                  .metric("cosine").nprobes(nprobes).limit(k).select(["text", "vector", "_distance"]))
+                  .metric("dot").nprobes(nprobes).limit(k).select(["text", "vector", "_distance"]))
         if refine_factor is None and self.index_kind() not in (None, "ivf_flat"):
             refine_factor = 10
         if refine_factor:
