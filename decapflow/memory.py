@@ -45,6 +45,13 @@ PRECISIONS = ("float32", "bfloat16")  # of a bank's local vector copy
 CACHE_BATCH_ROWS = 65_536  # rows per batch when streaming a bank into its local copy (128 MiB at 512-d)
 
 
+def vector_rows(column: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray:
+    """A fixed-size-list vector column as a float32 [n, dim] array."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+
+
 def check_name(name: str) -> str:
     """Bank names: 1-64 letters, digits, '-' or '_', starting with a letter or digit (they become table and
     folder names)."""
@@ -180,8 +187,7 @@ class MemoryBank:
     def arrays(self) -> tuple[list[str], np.ndarray]:
         """All texts and their [N, dim] float32 vectors at the current version, in row order."""
         table = self.table.search().select(["text", "vector"]).limit(None).to_arrow()
-        vectors = table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        return table.column("text").to_pylist(), vectors.reshape(-1, self.dim).astype(np.float32, copy=False)
+        return table.column("text").to_pylist(), vector_rows(table.column("vector"), self.dim)
 
     def vector_cache(self, precision: str = "float32") -> tuple[np.ndarray | BF16Rows, pa.Array]:
         """A fast local copy of this version's vectors (memory-mapped .npy) and texts (memory-mapped Arrow file).
@@ -213,8 +219,7 @@ class MemoryBank:
         writer = pa.ipc.new_file(f"{tmp}.arrow", pa.schema([("text", pa.string())])) if text_path else None
         start = 0
         for batch in reader:
-            flat = batch.column("vector").flatten().to_numpy(zero_copy_only=False)
-            block = flat.reshape(-1, self.dim).astype(np.float32, copy=False)
+            block = vector_rows(batch.column("vector"), self.dim)
             out[start : start + len(block)] = block if precision == "float32" else BF16Rows.encode(block)
             start += len(block)
             if writer is not None:
@@ -298,7 +303,7 @@ class MemoryBank:
         hits = search.to_arrow()
         which = (hits.column("query_index").to_numpy() if "query_index" in hits.column_names
                  else np.zeros(hits.num_rows, np.int64))
-        got = hits.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, self.dim)
+        got = vector_rows(hits.column("vector"), self.dim)
         texts_in = hits.column("text").to_pylist()
         vectors = np.zeros((len(queries), k, self.dim), dtype=np.float32)
         texts: list[list[str]] = [[] for _ in queries]
