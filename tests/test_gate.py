@@ -71,8 +71,10 @@ def test_racing_gates_never_both_replace_the_champion_blindly(own_home: Path) ->
     bank = Registry().open("shapes")
     evalset = text_eval_set(bank)
     champion = reg.current_id("shapes")
-    a = train_bank("shapes", "tiny", WEAK, progress=False, gate=True)["decoder"]
-    b = train_bank("shapes", "tiny", WEAK, progress=False, gate=True)["decoder"]
+    # Different seeds: identical weights trained within one second get the same id (a re-registration).
+    a = train_bank("shapes", "tiny", {**WEAK, "seed": 1}, progress=False, gate=True)["decoder"]
+    b = train_bank("shapes", "tiny", {**WEAK, "seed": 2}, progress=False, gate=True)["decoder"]
+    assert a != b
     # Give them known scores on the bank's set (what scoring them would record) so the race is about the swap.
     reg.update("shapes", champion, scores={evalset.id: {"cider": 1.0}})
     reg.update("shapes", a, scores={evalset.id: {"cider": 2.0}}, status="challenger")
