@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -26,14 +26,15 @@ class ImageFailure:
     reason: str
 
 
-def collect_paths(inputs: Iterable[str | Path]) -> list[Path]:
-    """Image files named by ``inputs``: files as given, folders (recursively, image suffixes only, sorted) and
-    glob patterns. Raises FileNotFoundError for an input that names nothing."""
+def collect_paths(inputs: Iterable[str | Path], suffixes: Collection[str] = IMAGE_SUFFIXES) -> list[Path]:
+    """Image files named by ``inputs``: files as given, folders (recursively, files with ``suffixes`` only,
+    sorted) and glob patterns. Raises FileNotFoundError for an input that names nothing. (Images and videos:
+    ``suffixes=decapflow.video.MEDIA_SUFFIXES``.)"""
     paths: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            paths.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+            paths.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes and p.is_file()))
         elif path.is_file():
             paths.append(path)
         elif glob.has_magic(str(item)):

@@ -1,4 +1,5 @@
-"""Batch captioning flow: caption a folder against a bank, write results (jsonl + COCO) and a manifest."""
+"""Batch captioning flow: caption a folder of images and videos against a bank, write results (jsonl + COCO) and
+a manifest."""
 
 from __future__ import annotations
 
@@ -14,25 +15,28 @@ from prefect.cache_policies import NO_CACHE
 from decapflow.captioner import Captioner, Options, caption_paths
 from decapflow.images import collect_paths
 from decapflow.results import render
+from decapflow.video import DEFAULT_FRAMES, MEDIA_SUFFIXES, is_video
 
 
 @task(name="caption-batch", cache_policy=NO_CACHE)
-def caption_task(captioner: Captioner, paths: list[Path]) -> tuple[list[Any], list[Any]]:
-    return caption_paths(captioner, paths)
+def caption_task(captioner: Captioner, paths: list[Path], frames: int = DEFAULT_FRAMES
+                 ) -> tuple[list[Any], list[Any]]:
+    return caption_paths(captioner, paths, frames=frames)
 
 
 @flow(name="decapflow-caption")
 def caption_flow(images: str, memory: str, output_dir: str, strategy: str = "pd", decoder: str | None = None,
-                 store: str | None = None, batch_size: int = 256) -> dict[str, Any]:
-    """Caption every image under ``images`` with bank ``memory``; writes captions.jsonl, captions.coco.json
-    (when the file names carry ids) and manifest.json under ``output_dir``. Returns the manifest."""
+                 store: str | None = None, batch_size: int = 256, frames: int = DEFAULT_FRAMES) -> dict[str, Any]:
+    """Caption every image and video under ``images`` with bank ``memory`` (a video from the mean embedding of
+    ``frames`` frames sampled uniformly over it); writes captions.jsonl, captions.coco.json (when the file names
+    carry ids) and manifest.json under ``output_dir``. Returns the manifest."""
     start = time.perf_counter()
     options = Options(strategy=strategy)
     captioner = Captioner.for_bank(memory, options, decoder=decoder, store=store)
-    paths = collect_paths([images])
+    paths = collect_paths([images], MEDIA_SUFFIXES)
     captions, failures = [], []
     for i in range(0, len(paths), batch_size):
-        got, failed = caption_task(captioner, paths[i : i + batch_size])
+        got, failed = caption_task(captioner, paths[i : i + batch_size], frames)
         captions += got
         failures += failed
     out = Path(output_dir)
@@ -47,6 +51,7 @@ def caption_flow(images: str, memory: str, output_dir: str, strategy: str = "pd"
     manifest = {"images": images, "bank": memory, "bank_version": captioner.bank.version,
                 "encoder": captioner.bank.encoder,
                 "decoder": captioner.decoder_path.name if captioner.decoder_path else None, "options": asdict(options), "captioned": len(captions),
+                "videos": sum(map(is_video, paths)), "frames": frames,
                 "failed": [asdict(f) for f in failures], "files": files,
                 "seconds": round(time.perf_counter() - start, 2)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")

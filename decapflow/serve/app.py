@@ -2,7 +2,7 @@
 
 Routes (JSON; every error is ``{"error": {"code", "message"}}``):
 
-    POST /v1/captions                 images (multipart files or base64 JSON) + memory, decoder, strategy, tau, ...
+    POST /v1/captions                 images or videos (multipart files or base64 JSON) + memory, strategy, ...
     GET  /v1/banks                    the banks with rows, encoder, version and current decoder
     GET  /v1/banks/{name}             one bank described (as ``memory show --json``) with its current decoder
     GET  /v1/banks/{name}/search?q=   the bank sentences nearest to a text
@@ -178,8 +178,10 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
 
     @app.post("/v1/captions")
     async def captions(request: Request) -> dict[str, Any]:
-        """Caption one or more images. Multipart: files under ``images`` plus form fields; JSON:
-        ``{"memory": "coco", "images": ["<base64>", {"name": "a.jpg", "data": "<base64>"}], "strategy": "pd"}``."""
+        """Caption one or more images or videos. Multipart: files under ``images`` plus form fields; JSON:
+        ``{"memory": "coco", "images": ["<base64>", {"name": "a.jpg", "data": "<base64>"}], "strategy": "pd"}``.
+        A video (by file name, .mp4 .mov .webm ..., or by its first bytes) gets one caption from the mean
+        embedding of ``frames`` frames sampled uniformly over it."""
         started = time.perf_counter()
         server.reading += 1
         try:
@@ -189,8 +191,8 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         read = time.perf_counter()
         results = await server.batcher.submit((params.memory, params.decoder, params.options()), uploads)
         for index, result in enumerate(results):
-            if isinstance(result, ApiError) and result.code == "invalid_image":  # say which image it was
-                raise ApiError(422, "invalid_image", f"image {index} ({uploads[index].name}): {result.message}",
+            if isinstance(result, ApiError) and result.code in ("invalid_image", "invalid_video"):  # say which
+                raise ApiError(422, result.code, f"image {index} ({uploads[index].name}): {result.message}",
                                image=index)
             if isinstance(result, Exception):
                 raise result

@@ -1,4 +1,4 @@
-"""A client of ``decapflow serve``: send image files, get :class:`~decapflow.captioner.Caption` objects back.
+"""A client of ``decapflow serve``: send image (or video) files, get :class:`~decapflow.captioner.Caption` objects back.
 
 ``decapflow caption --server URL`` uses it, so many clients share one warm server and print what a local run
 prints. An image the server cannot read is reported as a failure (like a local run), the rest still captioned.
@@ -72,7 +72,8 @@ class ServeClient:
                     answer = self.caption([(p.name, p.read_bytes()) for p in batch], params)
                 except ServerError as exc:
                     bad = exc.body.get("image")
-                    if exc.code != "invalid_image" or not isinstance(bad, int) or not 0 <= bad < len(batch):
+                    if exc.code not in ("invalid_image", "invalid_video") or not isinstance(bad, int) \
+                            or not 0 <= bad < len(batch):
                         raise
                     failures.append(ImageFailure(str(batch[bad]), exc.body.get("message", str(exc))))
                     del batch[bad]

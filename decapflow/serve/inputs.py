@@ -1,4 +1,5 @@
-"""Reading a caption request: images (multipart files, or base64 in JSON) and validated captioning parameters."""
+"""Reading a caption request: images and videos (multipart files, or base64 in JSON) and validated captioning
+parameters."""
 
 from __future__ import annotations
 
@@ -25,15 +26,18 @@ class CaptionParams(BaseModel):
     memory: str = Field(min_length=1, max_length=64, description="A registered memory bank.")
     decoder: str | None = Field(None, max_length=200, description="A decoder id (ID or BANK/ID); default: the "
                                                                    "bank's current decoder.")
-    strategy: Literal["pd", "topk", "nnd", "vd", "clipre"] = "pd"
+    strategy: Literal["pd", "topk", "nnd", "vd", "clipre", "ms", "rerank"] = "pd"
     tau: float = Field(0.01, gt=0, le=10, description="Projection temperature.")
     k: int = Field(64, ge=1, le=4096, description="Neighbours for strategy topk.")
     beam: int = Field(1, ge=1, le=16, description="Beam width (1 = greedy).")
     max_len: int = Field(30, ge=1, le=76, description="Maximum caption tokens.")
     n_support: int = Field(3, ge=0, le=64, description="Supporting bank sentences returned per image.")
+    frames: int = Field(8, ge=1, le=64, description="Frames sampled uniformly over each video upload; the video "
+                                                     "is captioned from their mean embedding (images ignore it).")
 
     def options(self) -> tuple[tuple[str, Any], ...]:
-        """The captioning options as hashable (name, value) pairs: a batch key, and ``Options(**dict(...))``."""
+        """The captioning options as hashable (name, value) pairs: a batch key, and ``Options(**dict(...))`` once
+    ``frames`` is taken out (see :func:`decapflow.serve.worker.run_batch`)."""
         return tuple(self.model_dump(exclude={"memory", "decoder"}).items())
 
 
@@ -95,6 +99,26 @@ async def read_caption_request(request: Request, max_images: int) -> tuple[Capti
     if not uploads:
         raise ApiError(422, "no_images", "the request has no images")
     return params, uploads
+
+
+def is_video_upload(upload: Upload) -> bool:
+    """Whether an upload is a video: by its name's suffix (.mp4 .mov .webm ...) or its first bytes."""
+    from decapflow.video import is_video, looks_like_video
+
+    return is_video(upload.name) or looks_like_video(upload.data)
+
+
+def decode_video_upload(upload: Upload, max_pixels: int, frames: int) -> list[Any]:
+    """``frames`` RGB frames sampled uniformly from a video upload, or a 422 ``invalid_video`` saying why not
+    (empty, not a readable video, no video stream, frames over ``max_pixels``)."""
+    from decapflow.video import read_frames_from_bytes
+
+    if not upload.data:
+        raise ApiError(422, "invalid_video", "the upload is empty")
+    picked = read_frames_from_bytes(upload.data, upload.name, frames, max_pixels)
+    if isinstance(picked, ImageFailure):
+        raise ApiError(422, "invalid_video", picked.reason)
+    return picked
 
 
 def decode_upload(upload: Upload, max_pixels: int) -> Any:

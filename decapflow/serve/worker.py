@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from decapflow.serve.errors import ApiError
-from decapflow.serve.inputs import Upload, decode_upload
+from decapflow.serve.inputs import Upload, decode_upload, decode_video_upload, is_video_upload
 
 
 @dataclass(frozen=True)
@@ -55,23 +55,35 @@ def run_batch(server_id: str, key: tuple[str, str | None, tuple[tuple[str, Any],
               ) -> tuple[list[Any], dict[str, Any]]:
     """Decode, encode, project and decode text for one batch with the bank's freshest captioner.
 
+    A video upload is captioned from the mean embedding of ``frames`` frames sampled uniformly over it (the
+    ``frames`` option), an image from its own embedding; both kinds may share a batch.
+
     Returns one entry per upload (``(caption dict, bank version, decoder id)``, or the ApiError of an image
-    that could not be read, which fails that request alone) and :func:`status`."""
+    or video that could not be read, which fails that request alone) and :func:`status`."""
     from decapflow.captioner import Options
+    from decapflow.video import DEFAULT_FRAMES, embed_media, embed_video
 
     state = _STATES[server_id]
     bank, decoder, values = key
-    options = Options(**dict(values))
+    values = dict(values)
+    frames = values.pop("frames", DEFAULT_FRAMES)
+    options = Options(**values)
     captioner = state.pool.captioner(bank, decoder, needs_decoder=options.strategy != "clipre")
     results: list[Any] = []
-    pixels = []
+    pixels = []  # preprocessed images, or a video's unit embedding
     for upload in uploads:
         try:
-            pixels.append(captioner.encoder.preprocess(decode_upload(upload, state.max_pixels)))
+            if is_video_upload(upload):
+                video = decode_video_upload(upload, state.max_pixels, frames)
+                pixels.append(embed_video(captioner.encoder, video, options.batch_size))
+            else:
+                pixels.append(captioner.encoder.preprocess(decode_upload(upload, state.max_pixels)))
             results.append(None)
-        except ApiError as exc:  # this image alone cannot be read
+        except ApiError as exc:  # this upload alone cannot be read
             results.append(exc)
-    captions = iter(captioner.with_options(options).caption(pixels) if pixels else [])
+    captioner = captioner.with_options(options)
+    captions = iter(captioner.caption_embeddings(embed_media(captioner.encoder, pixels, options.batch_size))
+                    if pixels else [])
     out = [r if r is not None else (next(captions).to_dict(), captioner.bank_version, captioner.decoder_id)
            for r in results]
     return out, status(server_id)
