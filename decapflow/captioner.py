@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from decapflow import projection
+from decapflow import modality, projection
 from decapflow.decoder.checkpoint import NoDecoder, current_decoder, find_decoder, load_decoder
 from decapflow.decoder.model import DeCapDecoder
 from decapflow.decoder.vocab import Vocab
@@ -74,6 +74,12 @@ class Captioner:
         self.precision = bank_precision(bank, precision)
         self.vectors, self.texts = bank.vector_cache(self.precision)  # memory-mapped, tied to the bank version
         self.decoder_path: Path | None = None  # where the decoder came from, when loaded from a folder
+        #: Bank rows this captioner sees (None: all of them); set by :meth:`restricted`.
+        self.row_ids: np.ndarray | None = None
+        #: The domain's mean image embedding, for ``ms`` and ``rerank`` (:mod:`decapflow.modality`); for_bank loads
+        #: the bank's recorded one.
+        self.image_mean: modality.ImageMean | None = None
+        self._text_mean: np.ndarray | None = None
 
     @classmethod
     def for_bank(cls, name: str, options: Options | None = None, decoder: str | None = None,
@@ -89,6 +95,7 @@ class Captioner:
             check_decoder_encoder(meta, folder, bank)
         captioner = cls(load_encoder(bank.encoder, device), bank, model, vocab, options, precision)
         captioner.decoder_path = folder
+        captioner.image_mean = modality.load_image_mean(name, bank.encoder, store)
         return captioner
 
     def with_options(self, options: Options) -> Captioner:
@@ -97,12 +104,49 @@ class Captioner:
         other.options = self._checked(options)
         return other
 
+    def restricted(self, row_ids: Sequence[int] | np.ndarray) -> Captioner:
+        """The same encoder, decoder and options over a subset of the bank: rows ``row_ids`` (bank row numbers,
+        unique; kept in the order given). Every strategy that reads the bank (pd, topk, nnd, clipre) then sees only
+        those rows and their sentences; topk searches them exactly, never the whole bank's ANN index; vd reads no
+        bank. The subset's vectors are copied into memory (float32 rows, or bfloat16 bits for a bfloat16 copy)."""
+        ids = np.asarray(row_ids, dtype=np.int64)
+        rows = len(self.vectors)
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError(f"row_ids must be a non-empty 1-d list of bank rows, got shape {ids.shape}")
+        if ids.min() < 0 or ids.max() >= rows:
+            raise ValueError(f"row_ids must lie in [0, {rows}) for a captioner over {rows} rows")
+        if np.unique(ids).size != ids.size:
+            raise ValueError("row_ids must not repeat a row")
+        other = copy.copy(self)
+        if isinstance(self.vectors, projection.BF16Rows):
+            other.vectors = projection.BF16Rows(np.ascontiguousarray(self.vectors.bits[ids]))
+        else:
+            other.vectors = np.ascontiguousarray(self.vectors[ids], dtype=np.float32)
+        other.texts = self.texts.take(ids)
+        other._text_mean = None
+        other.row_ids = ids if self.row_ids is None else self.row_ids[ids]
+        return other
+
     def _checked(self, options: Options) -> Options:
         if options.strategy not in projection.STRATEGIES:
             raise ValueError(f"unknown strategy {options.strategy!r}; choose from {projection.STRATEGIES}")
         if self.decoder is None and options.strategy != "clipre":
             raise ValueError(f"strategy {options.strategy!r} needs a decoder")
         return options
+
+    @property
+    def text_mean(self) -> np.ndarray:
+        """The mean bank embedding (``mu_txt``; one pass over the bank copy, then cached)."""
+        if self._text_mean is None:
+            self._text_mean = modality.rows_mean(self.vectors)
+        return self._text_mean
+
+    def _shifted(self, image_vectors: np.ndarray) -> np.ndarray:
+        if self.image_mean is None:
+            raise BankError(f"strategy {self.options.strategy!r} needs the mean image embedding of the domain; record "
+                            f"it once with: decapflow memory image-mean {self.bank.name} --images DIR (images of the "
+                            f"kind you caption, no captions needed)")
+        return modality.mean_shift(image_vectors, self.image_mean.vector, self.text_mean)
 
     @property
     def decoder_id(self) -> str | None:
@@ -119,6 +163,8 @@ class Captioner:
         if o.strategy == "clipre":
             ids, sims = projection.nearest(image_vectors, self.vectors, k=o.n_support)
             return [Caption(self._text(row[0]), "clipre", self._support(row, s)) for row, s in zip(ids, sims, strict=True)]
+        if o.strategy == "rerank":
+            return self._rerank(image_vectors)
         prefixes, support = self.prefixes(image_vectors)
         texts = self.decoder.decode_texts(prefixes, self.vocab, max_len=o.max_len, beam=o.beam,
                                           batch_size=max(o.batch_size, 1))
@@ -136,11 +182,34 @@ class Captioner:
         support = [self._support(i, s) for i, s in zip(ids, sims, strict=True)]
         if o.strategy == "nnd":
             return np.asarray(self.vectors[ids[:, 0]], dtype=np.float32), support
+        if o.strategy == "ms":
+            return self._shifted(image_vectors), support
         return projection.identity(image_vectors), support  # vd
+
+    def _rerank(self, image_vectors: np.ndarray) -> list[Caption]:
+        """Decode candidate prefixes (pd, nnd, ms, blends of pd and ms), keep the caption CLIP ranks first."""
+        o = self.options
+        image_vectors = np.atleast_2d(image_vectors)
+        shifted = self._shifted(image_vectors)
+        p = projection.project(image_vectors, self.vectors, tau=o.tau, n_support=o.n_support)
+        ids, _ = projection.nearest(image_vectors, self.vectors, k=1)
+        names = ["pd", "nnd", "ms", *(f"pd+ms{w:g}" for w in modality.BLENDS)]
+        prefixes = [p.vectors, np.asarray(self.vectors[ids[:, 0]], dtype=np.float32), shifted,
+                    *(modality.blend(p.vectors, shifted, w) for w in modality.BLENDS)]
+        batch, count = len(image_vectors), len(prefixes)
+        texts = self.decoder.decode_texts(np.concatenate(prefixes), self.vocab, max_len=o.max_len, beam=o.beam,
+                                          batch_size=max(o.batch_size, 1))
+        by_image = [[texts[c * batch + b] for c in range(count)] for b in range(batch)]  # [B][C]
+        distinct = sorted({t for row in by_image for t in row})
+        embedded = dict(zip(distinct, self.encoder.encode_text(distinct), strict=True))
+        best, scores = modality.rerank(image_vectors, np.stack([[embedded[t] for t in row] for row in by_image]))
+        return [Caption(row[i], "rerank", [(f"{names[c]}: {row[c]}", round(float(s[c]), 4))
+                                           for c in np.argsort(-s)[: o.n_support]])
+                for row, i, s in zip(by_image, best, scores, strict=True)]
 
     def _topk(self, image_vectors: np.ndarray) -> tuple[np.ndarray, list[list[tuple[str, float]]]]:
         o = self.options
-        if len(self.vectors) < ANN_MIN_ROWS:
+        if len(self.vectors) < ANN_MIN_ROWS or self.row_ids is not None:  # the index covers the whole bank
             ids, _ = projection.nearest(image_vectors, self.vectors, k=o.k)
             p = projection.project_subset(image_vectors, self.vectors, tau=o.tau, neighbor_ids=ids,
                                           n_support=o.n_support)
@@ -187,10 +256,14 @@ def resolve_decoder(bank: str, decoder: str | None, allow_paths: bool = True, st
     return folder
 
 
-def caption_paths(captioner: Captioner, paths: Sequence[Path], progress: bool = False
+def caption_paths(captioner: Captioner, paths: Sequence[Path], progress: bool = False, frames: int | None = None
                   ) -> tuple[list[Caption], list[Any]]:
-    """Caption image files in batches; unreadable ones are skipped and returned as failures."""
-    from decapflow.images import ImageFailure, load_image
+    """Caption image and video files in batches; unreadable ones are skipped and returned as failures.
+
+    A video (:func:`decapflow.video.is_video`) is captioned from the re-normalised mean CLIP embedding of
+    ``frames`` frames sampled uniformly over it (default :data:`decapflow.video.DEFAULT_FRAMES`)."""
+    from decapflow.images import ImageFailure
+    from decapflow.video import DEFAULT_FRAMES, embed_media, load_media
 
     captions: list[Caption] = []
     failures: list[ImageFailure] = []
@@ -198,16 +271,17 @@ def caption_paths(captioner: Captioner, paths: Sequence[Path], progress: bool = 
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(paths), desc=f"caption ({captioner.options.strategy})", unit=" img",
+        bar = tqdm(total=len(paths), desc=f"caption ({captioner.options.strategy})", unit=" file",
                    dynamic_ncols=True)
     step = max(1, captioner.options.batch_size)
     for start in range(0, len(paths), step):
         batch = paths[start : start + step]
-        loaded = [(p, load_image(p)) for p in batch]
+        loaded = [(p, load_media(p, captioner.encoder, frames or DEFAULT_FRAMES, batch_size=step)) for p in batch]
         good = [(p, im) for p, im in loaded if not isinstance(im, ImageFailure)]
         failures.extend(im for _, im in loaded if isinstance(im, ImageFailure))
         if good:
-            for (path, _), cap in zip(good, captioner.caption([im for _, im in good]), strict=True):
+            vectors = embed_media(captioner.encoder, [im for _, im in good], step)
+            for (path, _), cap in zip(good, captioner.caption_embeddings(vectors), strict=True):
                 cap.image = str(path)
                 captions.append(cap)
         if bar is not None:

@@ -224,6 +224,43 @@ def score_captions(
     return {key: results[key] for key in METRIC_KEYS if key in results}
 
 
+def score_many(
+    references: Mapping[ImageId, list[str]],
+    runs: Mapping[Hashable, Mapping[ImageId, str]],
+    metrics: Iterable[str] | None = None,
+) -> dict[Hashable, dict[str, float]]:
+    """:func:`score_captions` of several prediction sets (``{run: {image_id: caption}}``) against the same
+    references: the same numbers, but one PTB-tokenizer run and one METEOR process for all of them instead of a
+    Java start-up (~1 s, METEOR ~8 s) per set."""
+    if not runs:
+        return {}
+    ids = {name: _validate(references, predictions, False) for name, predictions in runs.items()}
+    chosen = _selected(metrics)
+    wanted = dict.fromkeys(key for keys in ids.values() for key in keys)
+    tokenized = tokenize({("ref", key): list(references[key]) for key in wanted}
+                         | {("hyp", n, key): [runs[name][key]] for n, name in enumerate(runs) for key in ids[name]})
+    meteor = None
+    if "meteor" in chosen:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        meteor = Meteor()
+    scores: dict[Hashable, dict[str, float]] = {}
+    try:
+        for n, name in enumerate(runs):
+            gts = {key: tokenized[("ref", key)] for key in ids[name]}
+            res = {key: tokenized[("hyp", n, key)] for key in ids[name]}
+            results: dict[str, float] = {}
+            for metric in chosen:
+                if metric == "meteor":
+                    results["METEOR"] = float(meteor.compute_score(gts, res)[0])
+                else:
+                    results |= _run_scorer(metric, gts, res)
+            scores[name] = {key: results[key] for key in METRIC_KEYS if key in results}
+    finally:
+        del meteor  # its __del__ stops the Java process
+    return scores
+
+
 # ------------------------------------------------------------------------------------------------- files
 
 

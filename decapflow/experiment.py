@@ -15,7 +15,8 @@ import numpy as np
 
 from decapflow.captioner import Caption, Captioner
 from decapflow.evaluate import load_coco_references, score_captions
-from decapflow.images import ImageFailure, load_image
+from decapflow.images import ImageFailure
+from decapflow.video import embed_media, load_media
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Experiment:
     image_ids: list[int]
     failures: list[ImageFailure]
     embed_seconds: float
+    vectors: np.ndarray | None = None  # the images' CLIP embeddings [B, D], in image_ids order
 
     def table(self) -> dict[str, dict[str, float]]:
         return {name: run.metrics for name, run in self.runs.items()}
@@ -50,7 +52,7 @@ def embed_annotated_images(captioner: Captioner, annotations: Path, images_dir: 
         path = Path(images_dir) / name
         if not path.is_file():
             path = Path(images_dir) / Path(name).name
-        image = load_image(path)
+        image = load_media(path, captioner.encoder)  # a video: its mean frame embedding (decapflow.video)
         if isinstance(image, ImageFailure):
             failures.append(image)
             continue
@@ -60,7 +62,7 @@ def embed_annotated_images(captioner: Captioner, annotations: Path, images_dir: 
             break
     if not ids:
         raise FileNotFoundError(f"none of the annotated images were found in {images_dir}")
-    vectors = captioner.encoder.encode_image(images, captioner.options.batch_size)
+    vectors = embed_media(captioner.encoder, images, captioner.options.batch_size)
     return {i: references[i] for i in ids}, ids, vectors, failures
 
 
@@ -81,7 +83,7 @@ def run_strategies(base: Captioner, annotations: Path, images_dir: Path, strateg
         by_id = dict(zip(ids, captions, strict=True))
         scores = score_captions(references, {i: c.caption for i, c in by_id.items()}, metrics=metrics)
         runs[strategy] = StrategyRun(strategy, by_id, scores, seconds)
-    return Experiment(references, runs, ids, failures, embed_seconds)
+    return Experiment(references, runs, ids, failures, embed_seconds, vectors)
 
 
 def summary_rows(experiment: Experiment, extra: dict[str, dict[str, float]] | None = None

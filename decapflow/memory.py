@@ -423,12 +423,14 @@ class Registry:
         return self.create(name, encoder, dim, exist_ok=True)
 
     def delete(self, name: str) -> dict[str, int]:
-        """Delete bank ``name`` with all its versions, its decoders and its evaluation sets (a bank created later
-        under the same name starts clean). Returns how many rows, decoders and evaluation sets went."""
+        """Delete bank ``name`` with all its versions, its decoders, its evaluation sets and its mean image embedding
+        (a bank created later under the same name starts clean). Returns how many of each went."""
         from decapflow.decoder.registry import decoders
         from decapflow.gate import drop_eval_sets
 
         rows = len(self.open(name))  # raises a clear error when it does not exist
         self.db.drop_table(name)
+        from decapflow.modality import drop_image_mean
+
         return {"rows": rows, "decoders": decoders(self.store).drop_bank(name),
-                "eval_sets": drop_eval_sets(name, self.store)}
+                "eval_sets": drop_eval_sets(name, self.store), "image_mean": int(drop_image_mean(name, self.store))}

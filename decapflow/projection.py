@@ -15,6 +15,8 @@ The strategies a captioner can pick (``STRATEGIES``):
 ``nnd``     nearest-neighbour decoding: the single closest bank vector (:func:`nearest`, then ``M[ids[:, 0]]``)
 ``vd``      visual decoding: the raw image embedding, re-normalised (:func:`identity`)
 ``clipre``  CLIP retrieval: no decoding at all, the caller returns the bank *text* at ``nearest(...)[0][:, 0]``
+``ms``      mean-shift gap correction, ``normalize(v - mu_img + mu_txt)`` (:mod:`decapflow.modality`)
+``rerank``  candidates (pd, nnd, ms, blends) decoded and re-ranked by CLIP text-image similarity (modality)
 ==========  ==========================================================================================
 
 Everything here is a pure function of arrays. Banks may be huge (millions of rows, a read-only
@@ -47,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-STRATEGIES: tuple[str, ...] = ("pd", "topk", "nnd", "vd", "clipre")
+STRATEGIES: tuple[str, ...] = ("pd", "topk", "nnd", "vd", "clipre", "ms", "rerank")
 
 #: Bytes of float32 bank rows per chunk: 1 MiB (512 rows of 512 dims) stays in a core's L2 cache between
 #: the two passes over a chunk (scores, then the weighted sum). Best of 128..8192 rows on the dev machine

@@ -10,18 +10,21 @@ from typing import Any
 import click
 
 from decapflow.cli.base import echo_json, json_option, main, store_option
+from decapflow.projection import STRATEGIES
 
 
 # ---------------------------------------------------------------------------------------------- caption
 @main.command()
 @click.argument("images", nargs=-1, required=True)
 @click.option("--memory", "-m", required=True, help="The bank to project onto (and whose decoder to use).")
-@click.option("--strategy", type=click.Choice(["pd", "topk", "nnd", "vd", "clipre"]), default="pd",
+@click.option("--strategy", type=click.Choice(list(STRATEGIES)), default="pd",
               show_default=True,
               help="pd: projection onto the whole bank (DeCap), exact; topk: projection onto the k nearest rows, "
                    "exact below 200k rows, APPROXIMATE above (neighbours from the bank's IVF index, built on first use "
                    "or by 'decapflow memory index'); nnd: nearest bank embedding; vd: the raw image embedding; "
-                   "clipre: the nearest bank sentence.")
+                   "clipre: the nearest bank sentence; ms: the image moved across the modality gap (mean shift); "
+                   "rerank: pd, nnd, ms and blends of pd with ms decoded, the caption CLIP ranks closest to the image "
+                   "kept (ms and rerank need 'decapflow memory image-mean' once).")
 @click.option("--tau", default=0.01, show_default=True, help="Projection temperature.")
 @click.option("--k", default=64, show_default=True, help="Neighbours for --strategy topk.")
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
@@ -37,6 +40,9 @@ from decapflow.cli.base import echo_json, json_option, main, store_option
 @click.option("--annotations", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="COCO annotations: image ids for --format coco come from its file names.")
 @click.option("--batch-size", default=64, show_default=True, help="Images per batch.")
+@click.option("--frames", default=8, show_default=True, type=click.IntRange(1, 256),
+              help="Frames sampled uniformly over each video (the middle frame of N equal segments); the video is "
+                   "captioned from their mean CLIP embedding, re-normalised.")
 @click.option("--device", help="cpu, cuda ... (default: cuda when present).")
 @click.option("--server", metavar="URL", envvar="DECAPFLOW_SERVER",
               help="Send the images to a running 'decapflow serve' (e.g. http://127.0.0.1:8000) instead of "
@@ -46,26 +52,32 @@ from decapflow.cli.base import echo_json, json_option, main, store_option
 def caption(images: tuple[str, ...], memory: str, strategy: str, tau: float, k: int, precision: str, beam: int,
             max_len: int,
             decoder_id: str | None, fmt: str, output: Path | None, annotations: Path | None, batch_size: int,
-            device: str | None, server: str | None, api_key: str | None, store: str | None) -> None:
-    """Caption IMAGES (files, folders, globs) against memory bank MEMORY.
+            frames: int, device: str | None, server: str | None, api_key: str | None, store: str | None) -> None:
+    """Caption IMAGES (image and video files, folders, globs) against memory bank MEMORY.
 
-    Unreadable or oversized images are reported and skipped; the exit code is then 3.
+    A video (.mp4 .m4v .mov .avi .webm .mkv) gets one caption: --frames frames are sampled uniformly over it,
+    embedded with the bank's CLIP, averaged and re-normalised, and captioned like an image embedding with any
+    --strategy. With --format coco its id is its file name's trailing number, as for images.
+
+    Unreadable, corrupt or oversized images and videos are reported and skipped; the exit code is then 3.
 
     \b
     Example:  decapflow caption --memory world photos/ --format jsonl
+    Videos:   decapflow caption --memory world clip.mp4 videos/ --frames 16
     Through a warm server:  decapflow caption --server http://127.0.0.1:8000 --memory world photos/
     """
     from decapflow.images import collect_paths
     from decapflow.results import render
+    from decapflow.video import MEDIA_SUFFIXES
 
-    paths = collect_paths(images)
+    paths = collect_paths(images, MEDIA_SUFFIXES)
     if not paths:
-        raise click.ClickException("no images found")
+        raise click.ClickException("no images or videos found")
     if server:
         from decapflow.serve.client import ServeClient
 
         params = {"memory": memory, "decoder": decoder_id, "strategy": strategy, "tau": tau, "k": k, "beam": beam,
-                  "max_len": max_len}
+                  "max_len": max_len, "frames": frames}
         with ServeClient(server, api_key) as client:
             captions, failures = client.caption_paths(paths, params, batch_size=min(batch_size, 16))
     else:
@@ -74,7 +86,8 @@ def caption(images: tuple[str, ...], memory: str, strategy: str, tau: float, k: 
         options = Options(strategy=strategy, tau=tau, k=k, beam=beam, max_len=max_len, batch_size=batch_size)
         captioner = Captioner.for_bank(memory, options, decoder=decoder_id, store=store, device=device,
                                        precision=precision)
-        captions, failures = caption_paths(captioner, paths, progress=output is not None or len(paths) > batch_size)
+        captions, failures = caption_paths(captioner, paths, progress=output is not None or len(paths) > batch_size,
+                                           frames=frames)
     text = render(captions, fmt, annotations)
     if output:
         output.write_text(text, encoding="utf-8")
@@ -88,6 +101,17 @@ def caption(images: tuple[str, ...], memory: str, strategy: str, tau: float, k: 
 
 
 # ---------------------------------------------------------------------------------------------- eval
+def _bank_sizes(ctx: click.Context, param: click.Parameter, value: str | None) -> list | None:
+    if value is None:
+        return None
+    from decapflow.memory_size import parse_sizes
+
+    try:
+        return parse_sizes(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
 @main.command("eval")
 @click.option("--annotations", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="References: COCO captions JSON, or Karpathy's dataset_coco.json with --split.")
@@ -96,9 +120,20 @@ def caption(images: tuple[str, ...], memory: str, strategy: str, tau: float, k: 
 @click.option("--results", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Score an existing COCO results file ([{image_id, caption}]) instead of captioning.")
 @click.option("--memory", "-m", help="Bank (and its current decoder) for --images.")
-@click.option("--strategy", type=click.Choice(["pd", "topk", "nnd", "vd", "clipre"]), default="pd",
-              show_default=True, help="Strategy for --images.")
-@click.option("--compare-strategies", is_flag=True, help="Run pd, topk, nnd, vd and clipre on the same images.")
+@click.option("--strategy", type=click.Choice(list(STRATEGIES)), default="pd",
+              show_default=True, help="Strategy for --images (see decapflow caption --help).")
+@click.option("--compare-strategies", is_flag=True,
+              help="Run pd, topk, nnd, vd and clipre on the same images, and ms and rerank when the bank has a mean "
+                   "image embedding (decapflow memory image-mean).")
+@click.option("--bank-sizes", callback=_bank_sizes, metavar="N,N,...,all",
+              help="Memory-size study: caption the same images against random subsets of the bank with this many "
+                   "rows (e.g. 1000,10000,100000,all; 10k works too), same decoder, with --strategy or "
+                   "--compare-strategies, and write memory-size.md/.json plus memory-size.png (each metric against "
+                   "memory size, log axis, a line per strategy). Subsets are nested: prefixes of one shuffle of the "
+                   "bank drawn with --seed. 'all' is the whole bank; a size at or above the bank's rows is clipped "
+                   "to 'all'.")
+@click.option("--seed", default=0, show_default=True,
+              help="Seed of the --bank-sizes subsets (the same seed gives the same rows).")
 @click.option("--split", help="Karpathy split to score (e.g. test) when --annotations is dataset_coco.json.")
 @click.option("--limit", type=int, help="Only the first N annotated images (quick checks).")
 @click.option("--tau", default=0.01, show_default=True, help="Projection temperature.")
@@ -110,7 +145,8 @@ def caption(images: tuple[str, ...], memory: str, strategy: str, tau: float, k: 
 @store_option
 @json_option
 def evaluate_command(annotations: Path, images: Path | None, results: Path | None, memory: str | None,
-                     strategy: str, compare_strategies: bool, split: str | None, limit: int | None, tau: float,
+                     strategy: str, compare_strategies: bool, bank_sizes: list | None, seed: int,
+                     split: str | None, limit: int | None, tau: float,
                      beam: int, no_meteor: bool, output_dir: Path | None, device: str | None, store: str | None,
                      as_json: bool) -> None:
     """Score captions against COCO-style references: BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE when its
@@ -120,6 +156,7 @@ def evaluate_command(annotations: Path, images: Path | None, results: Path | Non
     Score a results file:      decapflow eval --annotations captions_val2014.json --results res.json
     Caption and score a set:   decapflow eval --annotations ann.json --images val2014/ --memory coco
     Compare the strategies:    ... --compare-strategies
+    Scores against bank size:  ... --compare-strategies --bank-sizes 1000,10000,100000,all
 
     The paper's COCO Karpathy-test recipe is in the README ("Reproducing the paper").
     """
@@ -134,6 +171,9 @@ def evaluate_command(annotations: Path, images: Path | None, results: Path | Non
     )
 
     metrics = ("bleu", "rouge", "cider") if no_meteor else None
+    if bank_sizes and results is not None:
+        raise click.UsageError("--bank-sizes captions images against bank subsets: give --images DIR and --memory "
+                               "NAME, not --results")
     if results is not None:
         references, _ = load_coco_references(annotations, split=split)
         table = {results.stem: score_captions(references, load_results(results), metrics=metrics)}
@@ -144,9 +184,15 @@ def evaluate_command(annotations: Path, images: Path | None, results: Path | Non
         from decapflow.captioner import Captioner, Options
         from decapflow.experiment import run_strategies, speeds
 
-        strategies = ["pd", "topk", "nnd", "vd", "clipre"] if compare_strategies else [strategy]
+        strategies = list(STRATEGIES) if compare_strategies else [strategy]
         base = Captioner.for_bank(memory, Options(strategy=strategies[0], tau=tau, beam=beam), store=store,
                                   device=device)
+        if compare_strategies and base.image_mean is None:
+            strategies = [s for s in strategies if s not in ("ms", "rerank")]
+        if bank_sizes:
+            _memory_size_study(base, annotations, images, bank_sizes, seed, strategies, metrics, split, limit,
+                               output_dir or _default_eval_dir(memory), as_json)
+            return
         experiment = run_strategies(base, annotations, images, strategies, metrics=metrics, split=split,
                                     limit=limit)
         table = experiment.table()
@@ -173,6 +219,30 @@ def _default_eval_dir(name: str) -> Path:
     return home() / "evals" / f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
+def _memory_size_study(base: Any, annotations: Path, images: Path, sizes: list, seed: int, strategies: list[str],
+                       metrics: Any, split: str | None, limit: int | None, out: Path, as_json: bool) -> None:
+    """``eval --bank-sizes``: the study (decapflow.memory_size), its report, plot and per-run results files."""
+    from decapflow.evaluate import write_results
+    from decapflow.memory_size import markdown, study_annotated_images, write_study
+
+    study, failures = study_annotated_images(base, annotations, images, sizes, seed, strategies, metrics, split,
+                                             limit)
+    extra = {"annotations": str(annotations), "bank_version": base.bank.version, "tau": base.options.tau,
+             "beam": base.options.beam, "skipped_images": [f.path for f in failures]}
+    json_path, md_path, png_path = write_study(study, out, extra)
+    for run in study.runs:
+        write_results(run.captions, out / f"results_{run.strategy}_{run.size}.json")
+    if as_json:
+        echo_json({**study.to_dict(), **extra, "report": str(md_path), "plot": str(png_path)})
+        return
+    for note in study.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(markdown(study), nl=False)
+    click.echo(f"(scores x100; {study.images} images; memory subsets seeded with {seed}, nested)")
+    click.echo(f"report: {md_path} and {json_path.name}")
+    click.echo(f"plot: {png_path}")
+
+
 # ---------------------------------------------------------------------------------------------- demo
 @main.command()
 @click.option("--images", default=200, show_default=True, help="Held-out test images to caption.")
@@ -184,26 +254,32 @@ def _default_eval_dir(name: str) -> Path:
 @click.option("--threads", type=int, help="torch CPU threads for training.")
 @click.option("--novel", is_flag=True, help="Use a bank without the test scenes' attribute combinations: "
                                             "captions must be composed, not recalled.")
+@click.option("--encoder", type=click.Choice(["world-gap", "world"]), default="world-gap", show_default=True,
+              help="The world CLIP: world-gap has real CLIP's modality gap (~0.8); world, the first one, almost "
+                   "none (0.08). Each has its own banks, named after it.")
 @click.option("--check", is_flag=True, help="Exit 1 if pd's scores fall below the floors a working pipeline "
                                             "clears (CI uses this).")
 @json_option
 def demo(images: int, config: str, epochs: int, max_steps: int | None, retrain: bool, no_meteor: bool,
-         threads: int | None, novel: bool, check: bool, as_json: bool) -> None:
+         threads: int | None, novel: bool, encoder: str, check: bool, as_json: bool) -> None:
     """Run the whole method offline on the synthetic world and print captions and metrics.
 
-    Ingests the world's text corpus with its tiny CLIP (encoder 'world'), trains a decoder text-only, captions
+    Ingests the world's text corpus with its tiny CLIP (encoder 'world-gap', into bank 'world-gap'), trains a decoder text-only, captions
     held-out rendered scenes with pd, topk, nnd, vd and clipre, and scores them (BLEU, METEOR, ROUGE-L, CIDEr,
-    and attribute accuracy from the scene data). About 7 minutes on 2 CPU cores; a second run reuses the
-    bank and decoder.
+    and attribute accuracy from the scene data). Then the memory-size study: pd, nnd and clipre against
+    random subsets of 100, 1000 and 5000 bank rows and the whole bank, plotted next to the report
+    (report-memory-size.png). About 7 minutes on 2 CPU cores; a second run reuses the bank and decoder.
     """
     from decapflow.demo import DemoSettings, format_result, run_demo
 
     settings = DemoSettings(images=images, config=config, epochs=epochs, max_steps=max_steps,
-                            meteor=not no_meteor, retrain=retrain, threads=threads, novel=novel)
+                            meteor=not no_meteor, retrain=retrain, threads=threads, novel=novel, encoder=encoder)
     result = run_demo(settings, log=lambda line: click.echo(line, err=as_json))
     if as_json:
         echo_json({"table": result.table, "images_per_s": result.speeds, "examples": result.examples,
-                   "timings_s": result.timings, "decoder": result.decoder, "report": str(result.report)})
+                   "timings_s": result.timings, "decoder": result.decoder, "report": str(result.report),
+                   "memory_size": result.memory_size.to_dict() if result.memory_size else None,
+                   "memory_plot": str(result.memory_plot) if result.memory_plot else None})
     else:
         click.echo(format_result(result))
     if check:

@@ -1,0 +1,140 @@
+"""The modality gap: the domain's mean image embedding, mean-shift correction, and CLIP re-ranking of candidates.
+
+CLIP's image and text embeddings lie in two cones: the mean unit image embedding ``mu_img`` and the mean unit text
+embedding ``mu_txt`` are ~0.8 apart in real CLIP, while matched pairs still rank first. DeCap's projection (``pd``)
+crosses the gap by rebuilding the image from bank sentences, which also snaps it onto combinations the bank holds.
+Two more strategies build on this module (``decapflow.captioner``):
+
+``ms``      mean-shift ("Mind the Gap", C3): the prefix is ``normalize(v - mu_img + mu_txt)``: the image moved by
+            the mean offset between the two cones. It keeps compositions no bank sentence holds, but the residual
+            gap (per-image, not a constant) makes it far noisier than ``pd``.
+``rerank``  several candidate prefixes per image (``pd``, ``nnd``, ``ms`` and blends of ``pd`` with ``ms``) are
+            decoded, each candidate caption is embedded with the CLIP *text* encoder, and the candidate whose text
+            embedding is most similar to the image embedding wins. A ranking survives the gap where absolute
+            positions do not: CLIP was trained to rank matched texts first.
+
+``mu_txt`` is the bank's own mean. ``mu_img`` must come from images of the domain (no captions needed): record it
+once with ``decapflow memory image-mean BANK --images DIR`` (:func:`image_mean`, :func:`save_image_mean`); it is
+kept in the store beside the bank (``_image_means/BANK.json``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from decapflow.errors import BankError
+from decapflow.store import Store, get_store
+
+#: ``rerank``'s blends of the ``pd`` prefix with the ``ms`` prefix: normalize((1 - a) * pd + a * ms).
+BLENDS = (0.25, 0.5, 0.75)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` scaled to unit length (float32)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def mean_shift(image_vectors: np.ndarray, image_mean: np.ndarray, text_mean: np.ndarray) -> np.ndarray:
+    """``normalize(v - mu_img + mu_txt)`` for each row ``v`` of ``image_vectors`` [B, D]."""
+    return unit(np.atleast_2d(image_vectors) - image_mean + text_mean)
+
+
+def blend(a: np.ndarray, b: np.ndarray, weight: float) -> np.ndarray:
+    """``normalize((1 - weight) * a + weight * b)``, row by row."""
+    return unit((1.0 - weight) * a + weight * b)
+
+
+def rows_mean(vectors: Any, chunk_rows: int = 65536) -> np.ndarray:
+    """The mean row of a (possibly memory-mapped or bfloat16, see ``projection.BF16Rows``) [N, D] matrix, in
+    float64, reading it chunk by chunk."""
+    total = np.zeros(vectors.shape[1] if hasattr(vectors, "shape") else len(vectors[0]), dtype=np.float64)
+    n = len(vectors)
+    for start in range(0, n, chunk_rows):
+        total += np.asarray(vectors[start : start + chunk_rows], dtype=np.float64).sum(axis=0)
+    return (total / max(n, 1)).astype(np.float32)
+
+
+def gap(image_mean: np.ndarray, text_mean: np.ndarray) -> float:
+    """The modality gap as Liang et al. measure it: ``|mu_img - mu_txt|`` of the mean unit embeddings."""
+    return float(np.linalg.norm(np.asarray(image_mean, np.float64) - np.asarray(text_mean, np.float64)))
+
+
+@dataclass(frozen=True)
+class ImageMean:
+    """The mean unit image embedding of a domain, from ``images`` images, for banks of encoder ``encoder``."""
+
+    vector: np.ndarray
+    images: int
+    encoder: str
+    source: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps({"vector": [round(float(x), 7) for x in self.vector], "images": self.images,
+                           "encoder": self.encoder, "source": self.source})
+
+    @classmethod
+    def from_json(cls, text: str) -> ImageMean:
+        data = json.loads(text)
+        return cls(np.asarray(data["vector"], dtype=np.float32), int(data["images"]), data["encoder"],
+                   data.get("source", ""))
+
+
+def image_mean(encoder: Any, images: Sequence[Any], encoder_spec: str, source: str = "",
+               batch_size: int = 64) -> ImageMean:
+    """The mean of the unit CLIP embeddings of ``images`` (PIL images or preprocessed tensors)."""
+    if not images:
+        raise ValueError("no images to estimate the mean image embedding from")
+    vectors = encoder.encode_image(list(images), batch_size)
+    return ImageMean(vectors.astype(np.float64).mean(axis=0).astype(np.float32), len(images), encoder_spec, source)
+
+
+def _path(store: Store, bank: str) -> str:
+    return store.path("_image_means", f"{bank}.json")
+
+
+def save_image_mean(bank: str, mean: ImageMean, store: Store | str | None = None) -> None:
+    """Record ``mean`` for ``bank`` in the store (replacing an earlier one)."""
+    store = get_store(store)
+    store.fs.create_dir(store.path("_image_means"), recursive=True)
+    with store.fs.open_output_stream(_path(store, bank)) as out:
+        out.write(mean.to_json().encode())
+
+
+def load_image_mean(bank: str, encoder_spec: str, store: Store | str | None = None) -> ImageMean | None:
+    """``bank``'s recorded mean image embedding, or None. Refuses one recorded with another encoder."""
+    store = get_store(store)
+    path = _path(store, bank)
+    if not store.exists(path):
+        return None
+    with store.fs.open_input_stream(path) as stream:
+        mean = ImageMean.from_json(stream.read().decode())
+    if mean.encoder != encoder_spec:
+        raise BankError(f"bank {bank!r}'s mean image embedding was recorded with encoder {mean.encoder!r}, the bank "
+                        f"uses {encoder_spec!r}: record it again with decapflow memory image-mean {bank} --images DIR")
+    return mean
+
+
+def drop_image_mean(bank: str, store: Store | str | None = None) -> bool:
+    """Forget ``bank``'s mean image embedding (with the bank itself). Returns whether there was one."""
+    store = get_store(store)
+    path = _path(store, bank)
+    if not store.exists(path):
+        return False
+    store.fs.delete_file(path)
+    return True
+
+
+def rerank(image_vectors: np.ndarray, candidate_vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pick, per image, the candidate whose text embedding is most similar to the image embedding.
+
+    ``image_vectors`` [B, D] and ``candidate_vectors`` [B, C, D] (CLIP text embeddings of each image's candidate
+    captions), unit rows. Returns ``(best [B] candidate index, scores [B, C] cosine similarities)``; ties go to the
+    earlier candidate, so list the default strategy first."""
+    scores = np.einsum("bd,bcd->bc", np.atleast_2d(image_vectors), candidate_vectors)
+    return scores.argmax(axis=1), scores
