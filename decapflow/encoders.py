@@ -10,7 +10,11 @@ An *encoder spec* names any open_clip model:
   ``weights_only=True``). This works offline;
 - ``NAME:random`` or ``MODEL.json:random``: the architecture with deterministic random weights (seed 0), for
   tests and speed benchmarks only;
-- ``world``: the tiny CLIP trained on decapflow's synthetic world (shipped in ``corpora/world``).
+- ``world``: the tiny CLIP trained on decapflow's synthetic world (shipped in ``corpora/world``); its modality gap
+  is 0.08, far below real CLIP's;
+- ``world-gap``: the same architecture trained to have real CLIP's modality gap (0.83 between the image and text
+  means: a narrow cone per tower at initialisation, kept by a low fixed temperature; ``corpora/world/REPORT.md``).
+  The demo uses it.
 
 Text is embedded in length-bucketed batches trimmed to their longest sentence: CLIP's text attention is causal and
 the embedding is read at the end token, so the padding after it cannot change the result, and captions use
@@ -36,7 +40,10 @@ from decapflow.errors import EncoderUnavailable  # noqa: F401  (raised here; imp
 
 DEFAULT_ENCODER = "ViT-B-32:openai"
 WORLD_DIR = Path(__file__).resolve().parent.parent / "corpora" / "world"
-BUILTIN_SPECS = {"world": f"{WORLD_DIR / 'world-clip.json'}:{WORLD_DIR / 'world-clip.safetensors'}"}
+BUILTIN_SPECS = {
+    "world": f"{WORLD_DIR / 'world-clip.json'}:{WORLD_DIR / 'world-clip.safetensors'}",
+    "world-gap": f"{WORLD_DIR / 'world-clip-gap.json'}:{WORLD_DIR / 'world-clip-gap.safetensors'}",
+}
 
 
 @dataclass(frozen=True)
