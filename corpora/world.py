@@ -17,7 +17,10 @@ items of different splits never share a seed -- ``tests/test_world.py`` checks t
 - ``CORPUS_SEED = 0``: the text corpus (``corpus.txt.gz``, the memory bank and decoder training text);
 - ``CLIP_TRAIN_SEED = 1``: the image/caption pairs the tiny CLIP is trained on;
 - ``HELDOUT_SEED = 2``: held-out pairs for the CLIP's retrieval numbers in ``corpora/world/REPORT.md``;
-- ``TEST_SEED = 3``: test and demo images (``write_image_set``), captioned and scored end to end.
+- ``TEST_SEED = 3``: test and demo images (``write_image_set``), captioned and scored end to end;
+- ``VIDEO_SEED = 4``: the world videos (``corpora/world_video.py``);
+- ``UNLABELLED_SEED = 5``: images of the domain without captions, whose mean embedding the ``ms`` and ``rerank``
+  strategies need (``decapflow memory image-mean``; the demo records it from 500 of them).
 
 The world has ~6k distinct attribute combinations, so test scenes repeat combinations the corpus describes (as
 COCO test images resemble training ones); their images, layouts and caption draws are new.
@@ -40,6 +43,7 @@ CORPUS_SEED = 0
 CLIP_TRAIN_SEED = 1
 HELDOUT_SEED = 2
 TEST_SEED = 3
+UNLABELLED_SEED = 5
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),

@@ -23,7 +23,13 @@ from decapflow.config import home
 from decapflow.encoders import WORLD_DIR
 
 BANK = "world"
-STRATEGIES = ("pd", "topk", "nnd", "vd", "clipre")
+#: The demo's world CLIPs (built-in encoder specs); each gets its own banks, named after it. ``world-gap`` (the
+#: default) has real CLIP's modality gap (~0.8), so projection matters as it does with real CLIP; ``world``, the
+#: first world CLIP, has almost none (0.08), and there raw visual decoding (vd) works about as well as pd.
+ENCODERS = ("world-gap", "world")
+STRATEGIES = ("pd", "topk", "nnd", "vd", "clipre", "ms", "rerank")
+#: Unlabelled world images (split UNLABELLED_SEED) whose mean embedding ms and rerank use.
+UNLABELLED_IMAGES = 500
 ATTRIBUTES = ("colour", "shape", "count", "size", "object")
 #: The ``--check`` floors: a broken pipeline (random decoder, wrong projection, shuffled images) cannot reach them.
 FLOORS = {"pd": {"CIDEr": 0.5, "BLEU-4": 0.2, "attr-mean": 0.6}}
@@ -41,6 +47,12 @@ class DemoSettings:
     examples: int = 4
     threads: int | None = None
     novel: bool = False  # bank without the test scenes' attribute combinations (generalisation, not recall)
+    encoder: str = ENCODERS[0]  # one of ENCODERS; also the bank's name (bank "world" for encoder "world")
+    #: The memory-size study (decapflow.memory_size): bank subsets of these sizes, with these strategies (no sizes:
+    #: no study). Seed 0, nested subsets; ``all`` reuses the strategy table's captions, so it costs 6 decodes of the
+    #: test images plus one scoring pass: 126-133 s measured on 2 busy cores (load ~5), 0.7-1.0x the caption step.
+    memory_sizes: tuple[int | str, ...] = (100, 1000, 5000, "all")
+    memory_strategies: tuple[str, ...] = ("pd", "nnd", "clipre")
 
 
 @dataclass
@@ -51,6 +63,8 @@ class DemoResult:
     timings: dict[str, float] = field(default_factory=dict)
     decoder: str = ""
     report: Path | None = None
+    memory_size: Any = None  # a decapflow.memory_size.MemorySizeStudy, when the study ran
+    memory_plot: Path | None = None
 
     def failed_floors(self) -> list[str]:
         """Every floor in FLOORS this run did not reach (empty: the check passes)."""
@@ -108,16 +122,18 @@ def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> Demo
     from decapflow.experiment import run_strategies, speeds, summary_rows
     from decapflow.ingest import run_ingest
 
+    if settings.encoder not in ENCODERS:
+        raise ValueError(f"the demo's encoder is one of {', '.join(ENCODERS)}, not {settings.encoder!r}")
     timings: dict[str, float] = {}
     folder = home() / "demo" / f"test-images-{settings.images}"
     if not (folder / "scenes.json").is_file():
         write_image_set(folder, settings.images, seed=TEST_SEED)
     scenes = load_scenes(folder)
-    bank, corpus = BANK, WORLD_DIR / "corpus.txt.gz"
+    bank, corpus = settings.encoder, WORLD_DIR / "corpus.txt.gz"
     if settings.novel:
-        bank, corpus = f"{BANK}-novel-{settings.images}", novel_corpus(folder / "corpus-novel.txt", folder)
+        bank, corpus = f"{bank}-novel-{settings.images}", novel_corpus(folder / "corpus-novel.txt", folder)
     t0 = time.perf_counter()
-    report = run_ingest(corpus, bank, "world", progress=True)
+    report = run_ingest(corpus, bank, settings.encoder, progress=True)
     log(report.summary())
     timings["ingest_s"] = time.perf_counter() - t0
 
@@ -128,22 +144,59 @@ def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> Demo
     log(f"captioning {settings.images} held-out test images (seed {TEST_SEED}) with {', '.join(STRATEGIES)}...")
     t0 = time.perf_counter()
     base = Captioner.for_bank(bank, Options())
+    if base.image_mean is None:
+        base.image_mean = record_image_mean(base, log)
     metrics = None if settings.meteor else ("bleu", "rouge", "cider")
     experiment = run_strategies(base, folder / "captions.json", folder, STRATEGIES, metrics=metrics)
     timings["caption_and_score_s"] = time.perf_counter() - t0
     attributes = {name: attribute_scores({i: c.caption for i, c in run.captions.items()}, scenes)
                   for name, run in experiment.runs.items()}
     table = summary_rows(experiment, attributes)
+    name = "report-novel" if settings.novel else "report"
+    study = plot = None
+    if settings.memory_sizes:
+        from decapflow.memory_size import run_study, write_study
+
+        log(f"memory-size study: {', '.join(map(str, settings.memory_sizes))} rows with "
+            f"{', '.join(settings.memory_strategies)}...")
+        t0 = time.perf_counter()
+        study = run_study(base, experiment.references, experiment.image_ids, experiment.vectors,
+                          settings.memory_sizes, seed=0, strategies=settings.memory_strategies, metrics=metrics,
+                          extra_scores=lambda caps: {"attr-mean": attribute_scores(caps, scenes)["attr-mean"]},
+                          full_bank={name: ({i: c.caption for i, c in run.captions.items()}, run.seconds)
+                                     for name, run in experiment.runs.items()})
+        _, _, plot = write_study(study, home() / "demo", name=f"{name}-memory-size")
+        timings["memory_size_s"] = time.perf_counter() - t0
     examples = [{"image": str(folder / f"world_{i:012d}.png"), "references": experiment.references[i][:2],
                  **{name: run.captions[i].caption for name, run in experiment.runs.items()}}
                 for i in experiment.image_ids[: settings.examples]]
     extra = {"bank": bank, "bank_rows": report.rows, "decoder": decoder_id, "images": len(experiment.image_ids),
              "images_per_s": speeds(experiment), "timings_s": {k: round(v, 1) for k, v in timings.items()},
              "attribute columns": "attr-*: F1 of the colours/shapes/counts/sizes/whole objects named (x100)"}
-    name = "report-novel" if settings.novel else "report"
     _, md_path = write_report(table, home() / "demo", extra, name=name)
+    if study is not None:
+        from decapflow.memory_size import markdown
+
+        with md_path.open("a", encoding="utf-8") as report_md:
+            report_md.write(f"\n## Memory size\n\nThe same images against random subsets of the bank (nested, "
+                            f"seed 0), same decoder; x100.\n\n{markdown(study)}\n![memory size]({plot.name})\n")
     (home() / "demo" / f"{name}-examples.json").write_text(json.dumps(examples, indent=1))
-    return DemoResult(table, speeds(experiment), examples, timings, decoder_id, md_path)
+    return DemoResult(table, speeds(experiment), examples, timings, decoder_id, md_path, study, plot)
+
+
+def record_image_mean(captioner: Any, log: Callable[[str], None] = print) -> Any:
+    """Record the mean embedding of UNLABELLED_IMAGES world images (no captions; not the test images) for the
+    captioner's bank, as ``decapflow memory image-mean`` would, and return it."""
+    from corpora.world import UNLABELLED_SEED, make_split, render
+    from decapflow.modality import gap, image_mean, save_image_mean
+
+    scenes = [scene for scene, _ in make_split(UNLABELLED_IMAGES, UNLABELLED_SEED, n_captions=1)]
+    mean = image_mean(captioner.encoder, [render(scene) for scene in scenes], captioner.bank.encoder,
+                      source=f"world split {UNLABELLED_SEED}, {UNLABELLED_IMAGES} unlabelled images")
+    save_image_mean(captioner.bank.name, mean)
+    log(f"recorded the mean embedding of {UNLABELLED_IMAGES} unlabelled world images (for ms and rerank); "
+        f"modality gap {gap(mean.vector, captioner.text_mean):.3f}")
+    return mean
 
 
 def format_result(result: DemoResult) -> str:
@@ -162,5 +215,12 @@ def format_result(result: DemoResult) -> str:
         cells = "".join(f"{100 * row[c]:>12.1f}" if c in row else f"{'-':>12}" for c in present)
         lines.append(f"{name:<9}{cells}{result.speeds[name]:>10.0f}")
     lines.append("(scores x100; attr-*: F1 of the attributes named vs the scene; images/s after CLIP embedding)")
+    if result.memory_size is not None:
+        lines += ["", "Memory size (CIDEr x100 against bank rows; random nested subsets, seed 0, same decoder):"]
+        rows = sorted({run.rows for run in result.memory_size.runs})
+        lines.append(f"{'strategy':<9}" + "".join(f"{n:>10}" for n in rows))
+        for strategy, by_size in result.memory_size.table().items():
+            lines.append(f"{strategy:<9}" + "".join(f"{100 * m['CIDEr']:>10.1f}" for m in by_size.values()))
+        lines.append(f"plot: {result.memory_plot}")
     lines.append(f"report: {result.report}")
     return "\n".join(lines)

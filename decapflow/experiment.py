@@ -75,8 +75,7 @@ def run_strategies(base: Captioner, annotations: Path, images_dir: Path, strateg
     embed_seconds = time.perf_counter() - start
     runs: dict[str, StrategyRun] = {}
     for strategy in strategies:
-        captioner = Captioner(base.encoder, base.bank, base.decoder, base.vocab,
-                              replace(base.options, strategy=strategy))
+        captioner = base.with_options(replace(base.options, strategy=strategy))  # same bank copy and image mean
         t0 = time.perf_counter()
         captions = captioner.caption_embeddings(vectors)
         seconds = time.perf_counter() - t0

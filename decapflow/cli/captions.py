@@ -265,8 +265,9 @@ def demo(images: int, config: str, epochs: int, max_steps: int | None, retrain: 
     """Run the whole method offline on the synthetic world and print captions and metrics.
 
     Ingests the world's text corpus with its tiny CLIP (encoder 'world-gap', into bank 'world-gap'), trains a decoder text-only, captions
-    held-out rendered scenes with pd, topk, nnd, vd and clipre, and scores them (BLEU, METEOR, ROUGE-L, CIDEr,
-    and attribute accuracy from the scene data). Then the memory-size study: pd, nnd and clipre against
+    held-out rendered scenes with pd, topk, nnd, vd, clipre, ms and rerank (after recording the mean embedding of
+    500 unlabelled world images), and scores them (BLEU, METEOR, ROUGE-L, CIDEr, and attribute accuracy from the
+    scene data). Then the memory-size study: pd, nnd and clipre against
     random subsets of 100, 1000 and 5000 bank rows and the whole bank, plotted next to the report
     (report-memory-size.png). About 7 minutes on 2 CPU cores; a second run reuses the bank and decoder.
     """
