@@ -153,22 +153,30 @@ def sample_scene(rng: random.Random) -> Scene:
 
 
 # ---------------------------------------------------------------------------------------------- rendering
+SCALE = 4  # scenes are drawn at SCALE x the output size, then downsampled
+
+
+def layout(scene: Scene, size: int) -> tuple[random.Random, int, tuple[int, ...], list[tuple[Group, int]]]:
+    """Where a scene's objects go: ``(rng, side, background, [(group, grid cell) per object])``, drawn from
+    ``scene.layout_seed`` in a fixed order; ``rng`` then continues with each object's jitter (``render``, videos)."""
+    if size < 16:
+        raise ValueError(f"image size must be at least 16 pixels, got {size}")
+    rng = random.Random(scene.layout_seed)
+    side = size * SCALE
+    bg = tuple(max(0, min(255, c + rng.randint(-8, 8))) for c in BACKGROUND)
+    objects = [g for g in scene.groups for _ in range(g.count)]
+    return rng, side, bg, list(zip(objects, rng.sample(range(GRID * GRID), len(objects)), strict=True))
+
+
 def render(scene: Scene, size: int = 64) -> Image.Image:
     """Draw ``scene`` as a ``size`` x ``size`` RGB image; deterministic (jitter comes from ``scene.layout_seed``).
 
     Drawn at 4x and downsampled, so edges are anti-aliased. Large objects span ~28% of the side, small ~14%."""
-    if size < 16:
-        raise ValueError(f"image size must be at least 16 pixels, got {size}")
-    rng = random.Random(scene.layout_seed)
-    scale = 4
-    side = size * scale
-    bg = tuple(max(0, min(255, c + rng.randint(-8, 8))) for c in BACKGROUND)
+    rng, side, bg, placed = layout(scene, size)
     image = Image.new("RGB", (side, side), bg)
     draw = ImageDraw.Draw(image)
-    objects = [g for g in scene.groups for _ in range(g.count)]
-    cells = rng.sample(range(GRID * GRID), len(objects))
-    cell = side / GRID
-    for g, c in zip(objects, cells, strict=True):
+    cell, scale = side / GRID, SCALE
+    for g, c in placed:
         radius = cell * (0.42 if g.size == "large" else 0.21) * rng.uniform(0.92, 1.05)
         slack = max(0.0, cell / 2 - radius - scale)
         cx = (c % GRID + 0.5) * cell + rng.uniform(-slack, slack)

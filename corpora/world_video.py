@@ -14,13 +14,12 @@ encoded with PyAV (``mpeg4`` by default: in every PyAV wheel, fast, and close to
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from corpora.world import BACKGROUND, COLOURS, GRID, Scene, _draw_shape, make_split
+from corpora.world import COLOURS, GRID, SCALE, Scene, _draw_shape, layout, make_split
 
 #: The split of the world videos (scene ``i`` uses ``scene_seed(VIDEO_SEED, i)``; no other split uses 4).
 VIDEO_SEED = 4
@@ -35,19 +34,12 @@ def render_frames(scene: Scene, frames: int = DEFAULT_FRAMES, size: int = 64) ->
 
     Deterministic (layout, colours and paths come from ``scene.layout_seed``). Frame 0 and the last frame are the
     two ends of every path."""
-    if size < 16:
-        raise ValueError(f"frame size must be at least 16 pixels, got {size}")
     if frames < 1:
         raise ValueError(f"a video needs at least 1 frame, got {frames}")
-    rng = random.Random(scene.layout_seed)
-    scale = 4
-    side = size * scale
-    bg = tuple(max(0, min(255, c + rng.randint(-8, 8))) for c in BACKGROUND)
-    objects = [g for g in scene.groups for _ in range(g.count)]
-    cells = rng.sample(range(GRID * GRID), len(objects))
-    cell = side / GRID
+    rng, side, bg, placed = layout(scene, size)
+    cell, scale = side / GRID, SCALE
     paths = []  # (shape, radius, fill, start, end) per object
-    for g, c in zip(objects, cells, strict=True):
+    for g, c in placed:
         radius = cell * (0.42 if g.size == "large" else 0.21) * rng.uniform(0.92, 1.05)
         slack = max(0.0, cell / 2 - radius - scale)
         centre = ((c % GRID + 0.5) * cell, (c // GRID + 0.5) * cell)
