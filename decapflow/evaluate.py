@@ -40,6 +40,7 @@ import subprocess
 import tempfile
 from collections.abc import Hashable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -168,22 +169,16 @@ def _selected(metrics: Iterable[str] | None) -> list[str]:
     return chosen
 
 
-def _run_scorer(name: str, gts: dict, res: dict) -> dict[str, float]:
-    """One pycocoevalcap scorer on tokenised ``gts`` {id: [refs]} and ``res`` {id: [hypothesis]}."""
+def _run_scorer(name: str, gts: dict, res: dict, meteor: Any = None) -> dict[str, float]:
+    """One pycocoevalcap scorer on tokenised ``gts`` {id: [refs]} and ``res`` {id: [hypothesis]} (``meteor``: the
+    running METEOR scorer to use for ``"meteor"``; its Java start-up costs ~8 s, so callers share one)."""
     if name == "bleu":
         from pycocoevalcap.bleu.bleu import Bleu
 
         scores, _ = Bleu(4).compute_score(gts, res, verbose=0)
         return {f"BLEU-{n}": float(s) for n, s in enumerate(scores, start=1)}
     if name == "meteor":
-        from pycocoevalcap.meteor.meteor import Meteor
-
-        scorer = Meteor()
-        try:
-            score, _ = scorer.compute_score(gts, res)
-        finally:
-            del scorer  # its __del__ stops the Java process
-        return {"METEOR": float(score)}
+        return {"METEOR": float(meteor.compute_score(gts, res)[0])}
     if name == "rouge":
         from pycocoevalcap.rouge.rouge import Rouge
 
@@ -211,30 +206,21 @@ def score_captions(
     Returns ``{"BLEU-1".."BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"}`` (those computed) as floats on
     pycocoevalcap's scale: [0, 1], CIDEr [0, 10].
     """
-    ids = _validate(references, predictions, require_all)
-    chosen = _selected(metrics)
-    # One Java start for both sides: tag keys so references and predictions do not collide.
-    both = {("ref", key): list(references[key]) for key in ids} | {("hyp", key): [predictions[key]] for key in ids}
-    tokenized = tokenize(both)
-    gts = {key: tokenized[("ref", key)] for key in ids}
-    res = {key: tokenized[("hyp", key)] for key in ids}
-    results: dict[str, float] = {}
-    for name in chosen:
-        results |= _run_scorer(name, gts, res)
-    return {key: results[key] for key in METRIC_KEYS if key in results}
+    return score_many(references, {0: predictions}, metrics, require_all)[0]
 
 
 def score_many(
     references: Mapping[ImageId, list[str]],
     runs: Mapping[Hashable, Mapping[ImageId, str]],
     metrics: Iterable[str] | None = None,
+    require_all: bool = False,
 ) -> dict[Hashable, dict[str, float]]:
     """:func:`score_captions` of several prediction sets (``{run: {image_id: caption}}``) against the same
-    references: the same numbers, but one PTB-tokenizer run and one METEOR process for all of them instead of a
-    Java start-up (~1 s, METEOR ~8 s) per set."""
+    references: one PTB-tokenizer run (one Java start, references and predictions tagged apart) and one METEOR
+    process for all of them instead of a Java start-up (~1 s, METEOR ~8 s) per set."""
     if not runs:
         return {}
-    ids = {name: _validate(references, predictions, False) for name, predictions in runs.items()}
+    ids = {name: _validate(references, predictions, require_all) for name, predictions in runs.items()}
     chosen = _selected(metrics)
     wanted = dict.fromkeys(key for keys in ids.values() for key in keys)
     tokenized = tokenize({("ref", key): list(references[key]) for key in wanted}
@@ -251,10 +237,7 @@ def score_many(
             res = {key: tokenized[("hyp", n, key)] for key in ids[name]}
             results: dict[str, float] = {}
             for metric in chosen:
-                if metric == "meteor":
-                    results["METEOR"] = float(meteor.compute_score(gts, res)[0])
-                else:
-                    results |= _run_scorer(metric, gts, res)
+                results |= _run_scorer(metric, gts, res, meteor)
             scores[name] = {key: results[key] for key in METRIC_KEYS if key in results}
     finally:
         del meteor  # its __del__ stops the Java process
