@@ -188,14 +188,14 @@ def record_image_mean(captioner: Any, log: Callable[[str], None] = print) -> Any
     """Record the mean embedding of UNLABELLED_IMAGES world images (no captions; not the test images) for the
     captioner's bank, as ``decapflow memory image-mean`` would, and return it."""
     from corpora.world import UNLABELLED_SEED, make_split, render
-    from decapflow.modality import gap, image_mean, save_image_mean
+    from decapflow.modality import record_image_mean
 
     scenes = [scene for scene, _ in make_split(UNLABELLED_IMAGES, UNLABELLED_SEED, n_captions=1)]
-    mean = image_mean(captioner.encoder, [render(scene) for scene in scenes], captioner.bank.encoder,
-                      source=f"world split {UNLABELLED_SEED}, {UNLABELLED_IMAGES} unlabelled images")
-    save_image_mean(captioner.bank.name, mean)
+    mean, gap = record_image_mean(captioner.bank, captioner.encoder, [render(scene) for scene in scenes],
+                                  f"world split {UNLABELLED_SEED}, {UNLABELLED_IMAGES} unlabelled images",
+                                  text_mean=captioner.text_mean)
     log(f"recorded the mean embedding of {UNLABELLED_IMAGES} unlabelled world images (for ms and rerank); "
-        f"modality gap {gap(mean.vector, captioner.text_mean):.3f}")
+        f"modality gap {gap:.3f}")
     return mean
 
 

@@ -427,10 +427,9 @@ class Registry:
         (a bank created later under the same name starts clean). Returns how many of each went."""
         from decapflow.decoder.registry import decoders
         from decapflow.gate import drop_eval_sets
+        from decapflow.modality import drop_image_mean
 
         rows = len(self.open(name))  # raises a clear error when it does not exist
         self.db.drop_table(name)
-        from decapflow.modality import drop_image_mean
-
         return {"rows": rows, "decoders": decoders(self.store).drop_bank(name),
                 "eval_sets": drop_eval_sets(name, self.store), "image_mean": int(drop_image_mean(name, self.store))}

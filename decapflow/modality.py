@@ -94,6 +94,17 @@ def image_mean(encoder: Any, images: Sequence[Any], encoder_spec: str, source: s
     return ImageMean(vectors.astype(np.float64).mean(axis=0).astype(np.float32), len(images), encoder_spec, source)
 
 
+def record_image_mean(bank: Any, encoder: Any, images: Sequence[Any], source: str = "",
+                      store: Store | str | None = None, text_mean: np.ndarray | None = None) -> tuple[ImageMean, float]:
+    """Embed ``images`` of ``bank``'s domain with ``encoder`` (the bank's), record their mean for the bank and return
+    it with the modality gap it shows against the bank's text mean (``text_mean``, when the caller has it)."""
+    mean = image_mean(encoder, images, bank.encoder, source=source)
+    save_image_mean(bank.name, mean, store)
+    if text_mean is None:
+        text_mean = rows_mean(bank.vector_cache()[0])
+    return mean, gap(mean.vector, text_mean)
+
+
 def _path(store: Store, bank: str) -> str:
     return store.path("_image_means", f"{bank}.json")
 

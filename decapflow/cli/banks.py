@@ -305,7 +305,7 @@ def memory_image_mean(name: str, images: tuple[str, ...], limit: int, device: st
     from decapflow.encoders import load_encoder
     from decapflow.images import ImageFailure, collect_paths, load_image
     from decapflow.memory import Registry
-    from decapflow.modality import gap, image_mean, rows_mean, save_image_mean
+    from decapflow.modality import record_image_mean
 
     bank = Registry(store).open(name)
     paths = collect_paths(images)[:limit]
@@ -315,11 +315,9 @@ def memory_image_mean(name: str, images: tuple[str, ...], limit: int, device: st
         click.echo(f"skipped {failure.path}: {failure.reason}", err=True)
     if not good:
         raise click.ClickException("no readable images")
-    mean = image_mean(load_encoder(bank.encoder, device), good, bank.encoder, source=", ".join(images))
-    save_image_mean(name, mean, store)
-    text_mean = rows_mean(bank.vector_cache()[0])
+    mean, gap = record_image_mean(bank, load_encoder(bank.encoder, device), good, ", ".join(images), store)
     click.echo(f"bank {name!r}: mean image embedding of {mean.images} images recorded; modality gap "
-               f"|mu_img - mu_txt| = {gap(mean.vector, text_mean):.3f}")
+               f"|mu_img - mu_txt| = {gap:.3f}")
 
 
 @memory.command("import")
