@@ -81,7 +81,7 @@ def run_child(code: str, env: dict[str, str]) -> dict:
 
 IMPORT = """
 import sys; sys.path.insert(0, {root!r})
-from decapflow.importer import run_import
+from decapflow.bank.importer import run_import
 report = run_import({src!r}, "big", encoder="synthetic-512", chunk_size={chunk})
 result = {{"written": report.written, "rows": report.rows, "seconds": report.seconds}}
 """
@@ -160,8 +160,9 @@ def main() -> None:
         print(line, flush=True)
         figures.update(import_s=imp["seconds"], import_peak_rss_gb=imp["peak_rss_gb"], import_rows=imp["rows"])
 
-        from decapflow.memory import Registry
-        from decapflow.projection import BF16Rows, project, project_subset
+        from decapflow.bank.memory import Registry
+        from decapflow.bank.rows import BF16Rows
+        from decapflow.caption.projection import project, project_subset
 
         bank = Registry().open("big")
         start = time.perf_counter()

@@ -58,9 +58,9 @@ WORLD_CORPUS = ROOT / "corpora" / "world" / "corpus.txt.gz"
 
 def build_bank(corpus: Path, encoder: str) -> tuple[object, object]:
     """Ingest ``corpus`` into bank ``bench`` (in the current ``DECAPFLOW_HOME``); returns (bank, encoder)."""
+    from decapflow.bank.ingest import run_ingest
+    from decapflow.bank.memory import Registry
     from decapflow.encoders import load_encoder
-    from decapflow.ingest import run_ingest
-    from decapflow.memory import Registry
 
     run_ingest(corpus, "bench", encoder)
     bank = Registry().open("bench")
@@ -151,7 +151,7 @@ def line(path: str, images: int, seconds: float, **extra: object) -> dict:
 
 
 def run(args: argparse.Namespace) -> None:
-    from decapflow.captioner import Captioner, Options
+    from decapflow.caption.captioner import Captioner, Options
     from decapflow.decoder import Vocab
 
     torch.set_num_threads(args.threads)

@@ -13,7 +13,7 @@ sentences. Everything runs on the CPU, under a fresh ``DECAPFLOW_HOME``/``PREFEC
 ``ratio``: the same corpus and encoder are ingested into a fresh bank twice, each run in a fresh subprocess with
 its own ``DECAPFLOW_HOME`` (no cache helps the second): (a) ``run_ingest(...)`` in one process, torch on
 ``--threads`` 2 threads; (b) ``run_ingest(..., workers=2)``: a local Dask cluster of 2 single-threaded worker
-processes (``decapflow.dask_embed.DaskEmbedder``). Reported for each: sentences/s over the whole ``run_ingest``
+processes (``decapflow.bank.dask_embed.DaskEmbedder``). Reported for each: sentences/s over the whole ``run_ingest``
 call (encoder loading, and for (b) cluster start-up and shutdown, included), the rate after start-up (from
 "ready" to the last commit; ready = (a) bank opened and encoder loaded, (b) cluster up and the encoder loaded once
 on a worker to learn its dimension), the time to the first commit, and for (b) the cluster start-up
@@ -24,7 +24,7 @@ uses 4096) so the corpus makes several chunks and both workers get some.
 
 ``sweep``: how the design scales on a real cluster, measured on a machine with 2 cores. THIS IS A SIMULATION OF
 THE COMPUTE WITH MEASURED DURATIONS. First, in the same run, the real per-chunk embedding time is calibrated:
-``decapflow.dask_embed.embed_texts`` (what a worker runs) on ``--calib-rows`` sentences, torch on 1 thread
+``decapflow.bank.dask_embed.embed_texts`` (what a worker runs) on ``--calib-rows`` sentences, torch on 1 thread
 (median of ``--calib-reps``), and the per-chunk commit time of ``MemoryBank.add`` at ``--chunk`` rows and at the
 default chunk (4096 rows, random vectors, into a scratch bank). Then, for each N of ``--workers-list``, the real
 pipeline runs: ``run_ingest(..., remote=...)`` with a real ``distributed.LocalCluster`` of N worker processes of
@@ -94,7 +94,7 @@ class Commits:
         self.spans: list[tuple[float, float, int]] = []  # (start, end, rows) per commit
 
     def __call__(self, bank: Any, sentences: list, *rest: Any, **kw: Any) -> int:
-        from decapflow.ingest import write_chunk
+        from decapflow.bank.ingest import write_chunk
 
         start = time.perf_counter()
         written = write_chunk(bank, sentences, *rest, **kw)  # whatever run_ingest passes (vectors, added_at, ...)
@@ -123,21 +123,21 @@ def child(args: argparse.Namespace) -> None:
 
     if args.how == "single":
         torch.set_num_threads(args.threads)
-    from decapflow import dask_embed
-    from decapflow.ingest import run_ingest
+    from decapflow.bank import dask_embed
+    from decapflow.bank.ingest import run_ingest
 
     marks: dict[str, float] = {}
     if args.how == "single":  # ready: the bank open and the encoder loaded (inside run_ingest)
-        from decapflow import ingest
+        from decapflow.bank import ingest
 
-        open_bank = ingest.open_bank
+        open_with_encoder = ingest.open_with_encoder
 
         def timed_open_bank(*a: Any, **k: Any) -> Any:
-            opened = open_bank(*a, **k)
+            opened = open_with_encoder(*a, **k)
             marks["ready_at_s"] = time.perf_counter() - commits.t0
             return opened
 
-        ingest.open_bank = timed_open_bank
+        ingest.open_with_encoder = timed_open_bank
     else:  # ready: the cluster up and the encoder loaded on one worker
         import distributed  # time the pieces of run_ingest(workers=...) without changing them
 
@@ -160,7 +160,7 @@ def child(args: argparse.Namespace) -> None:
                 marks["close_s"] = time.perf_counter() - start
 
         distributed.LocalCluster = TimedCluster  # DaskEmbedder imports it from distributed when it starts one
-        dask_embed.DaskEmbedder = TimedEmbedder  # run_ingest imports it from decapflow.dask_embed when it runs
+        dask_embed.DaskEmbedder = TimedEmbedder  # run_ingest imports it from decapflow.bank.dask_embed when it runs
     commits = Commits()
     report = run_ingest(Path(args.corpus), "bench", args.encoder, chunk_size=args.chunk, batch_size=args.batch_size,
                         device="cpu", write=commits, workers=args.workers if args.how == "dask" else None)
@@ -255,7 +255,7 @@ def simulated_embedder(spec: str, workers: int, rows: int, seconds_per_row: floa
     """decapflow's DaskEmbedder (its cluster, client, spec/dim from a worker, window), with compute simulated."""
     import numpy as np
 
-    from decapflow.dask_embed import DaskEmbedder
+    from decapflow.bank.dask_embed import DaskEmbedder
 
     class SimulatedEmbedder(DaskEmbedder):
         def __init__(self) -> None:
@@ -279,9 +279,9 @@ def calibrate(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """Real seconds per chunk: embedding on 1 torch thread (what a worker runs), committing on the client."""
     import numpy as np
 
-    from decapflow.dask_embed import embed_texts
-    from decapflow.ingest import DEFAULT_CHUNK
-    from decapflow.memory import Registry
+    from decapflow.bank.dask_embed import embed_texts
+    from decapflow.bank.ingest import DEFAULT_CHUNK
+    from decapflow.bank.memory import Registry
 
     texts = captions(args.calib_rows, seed=1)
     start = time.perf_counter()
@@ -317,7 +317,7 @@ def calibrate(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 def sweep(args: argparse.Namespace) -> None:
     import torch
 
-    from decapflow.ingest import run_ingest
+    from decapflow.bank.ingest import run_ingest
 
     if args.quick:
         args.workers_list = args.workers_list or [1, 2, 4, 8]

@@ -48,7 +48,7 @@ def main() -> None:
     lancedb.connect(str(work / "raw")).create_table("raw", pq.read_table(src))
     raw = time.perf_counter() - start
 
-    from decapflow.importer import run_import
+    from decapflow.bank.importer import run_import
 
     start = time.perf_counter()
     report = run_import(src, "bench", "bench:none")

@@ -53,8 +53,8 @@ def speed(args: argparse.Namespace) -> None:
     import torch
     import torch.nn.functional as F
 
+    from decapflow.bank.ingest import run_ingest
     from decapflow.encoders import load_encoder
-    from decapflow.ingest import run_ingest
 
     texts = captions(args.sentences)
     enc = load_encoder("ViT-B-32:random", "cpu")
@@ -63,7 +63,7 @@ def speed(args: argparse.Namespace) -> None:
         corpus = write_lines(Path(tmp) / "corpus.txt", texts)
         report = run_ingest(corpus, "bench", "ViT-B-32:random", batch_size=args.batch_size)
         ours_rate = report.written / report.seconds  # includes reading, tokenising, writing to LanceDB
-        from decapflow.memory import Registry
+        from decapflow.bank.memory import Registry
 
         stored_texts, stored = Registry().open("bench").arrays()
     start = time.perf_counter()
@@ -81,7 +81,7 @@ def speed(args: argparse.Namespace) -> None:
 
 
 def reingest(args: argparse.Namespace) -> None:
-    from decapflow.ingest import run_ingest
+    from decapflow.bank.ingest import run_ingest
 
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["DECAPFLOW_HOME"] = tmp

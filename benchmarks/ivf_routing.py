@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from topk import clustered_rows, image_like_queries, unit_rows  # noqa: E402
 
-from decapflow.projection import nearest, project, project_subset  # noqa: E402
+from decapflow.caption.projection import nearest, project, project_subset  # noqa: E402
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ What it prints (all measured in this process, on this machine, best of ``--repea
   bandwidth ceiling for anything that reads the bank once.
 * ``naive``: the dense torch formula ``softmax(V @ M.T / tau) @ M`` over the whole bank at once (it
   materialises the [B, N] weights and reads the bank twice).
-* ``project``: :func:`decapflow.projection.project` (chunked online softmax) and ``nearest``.
+* ``project``: :func:`decapflow.caption.projection.project` (chunked online softmax) and ``nearest``.
 * ``torch-chunked`` (``--torch-chunked``): the same streaming algorithm written with torch (MKL), the
   alternative to the library's numpy (OpenBLAS) implementation.
 
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from decapflow.projection import nearest, project, project_subset  # noqa: E402
+from decapflow.caption.projection import nearest, project, project_subset  # noqa: E402
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:

@@ -41,8 +41,8 @@ def ingest(path: Path, bank: str, env: dict[str, str]) -> subprocess.Popen:
 
 
 def concurrent_ingest(env: dict[str, str]) -> dict[str, float]:
+    from decapflow.bank.memory import Registry
     from decapflow.encoders import WORLD_DIR
-    from decapflow.memory import Registry
 
     corpus = WORLD_DIR / "corpus.txt.gz"
     start = time.perf_counter()
@@ -63,7 +63,7 @@ def write_path(existing: int, chunk: int = 4096, repeats: int = 3) -> dict[str, 
     safe with concurrent writers) against ``MemoryBank.add`` (the bank's lock, then an insert-only merge on hash)."""
     import numpy as np
 
-    from decapflow.memory import Registry
+    from decapflow.bank.memory import Registry
 
     rng = np.random.default_rng(0)
     registry = Registry(tempfile.mkdtemp(prefix="decapflow-write-"))
@@ -112,11 +112,11 @@ def main() -> None:
     import httpx
 
     from corpora.world import make_split, render
+    from decapflow.bank.ingest import run_ingest
     from decapflow.decoder.registry import decoders
     from decapflow.decoder.train import TrainRecipe
     from decapflow.encoders import WORLD_DIR
-    from decapflow.ingest import run_ingest
-    from decapflow.training import train_from_bank
+    from decapflow.lifecycle.training import train_from_bank
     from tests.test_deployments import SET_PARAMETERS, Prefect
 
     run_ingest(WORLD_DIR / "corpus.txt.gz", "world", "world")

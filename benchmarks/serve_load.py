@@ -41,11 +41,11 @@ sys.path.insert(0, str(ROOT))
 
 def ensure_world(steps: int) -> str:
     """Bank ``world`` and a current decoder for it in ``$DECAPFLOW_HOME``; returns the decoder id."""
+    from decapflow.bank.ingest import run_ingest
     from decapflow.decoder.checkpoint import current_meta
     from decapflow.decoder.train import TrainRecipe
     from decapflow.encoders import WORLD_DIR
-    from decapflow.ingest import run_ingest
-    from decapflow.training import train_from_bank
+    from decapflow.lifecycle.training import train_from_bank
 
     run_ingest(WORLD_DIR / "corpus.txt.gz", "world", "world", progress=False)
     meta = current_meta("world")
@@ -76,8 +76,8 @@ def in_process_baseline(images: list[bytes]) -> dict[str, float]:
     """The CLI's path for one image at a time: decode the file's bytes, caption (encode, project, decode)."""
     import torch
 
-    from decapflow.captioner import Captioner, Options
-    from decapflow.images import load_image
+    from decapflow.caption.captioner import Captioner, Options
+    from decapflow.caption.images import load_image
 
     torch.set_num_threads(1)
     captioner = Captioner.for_bank("world", Options(batch_size=1))

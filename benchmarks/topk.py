@@ -6,15 +6,15 @@ chunks (texts ``"row {i}"``, so a hit's text names its row), then ``bank.build_i
 (timed). ``--queries`` image-like queries (a fresh text-like vector near a random centre, drowned in noise to
 cosine ~0.3 with the bank: the modality gap) are projected two ways, with tau 0.01:
 
-* ``exact``: :func:`decapflow.projection.project` over ``bank.vector_cache()`` (the ``pd`` strategy), all
+* ``exact``: :func:`decapflow.caption.projection.project` over ``bank.vector_cache()`` (the ``pd`` strategy), all
   queries in one call (as ``Captioner`` does with a batch), and one query per call (``exact_b1``).
   Two kinds of queries (``--query-kinds``): ``image`` as above, and ``text``: a fresh row of a random
   cluster (cosine ~0.8 to its centre, as a caption's own embedding would be).
 * ``topk``: what ``Captioner`` does on a large bank: ``bank.ann_neighbors(queries, k)`` then
-  :func:`decapflow.projection.project_subset` on the returned neighbour vectors, for each k.
+  :func:`decapflow.caption.projection.project_subset` on the returned neighbour vectors, for each k.
 
 Per k it prints ms/query of both, the speed-up, cos(v_proj_topk, v_proj_exact) mean and min, the recall of the
-ANN neighbours against the exact top-k (:func:`decapflow.projection.nearest`) and the share of the exact
+ANN neighbours against the exact top-k (:func:`decapflow.caption.projection.nearest`) and the share of the exact
 softmax mass those exact top-k rows hold. Output: JSON lines; ratios, never assertions.
 
     .venv/bin/python benchmarks/topk.py --quick                    # 30k rows (under a minute)
@@ -66,7 +66,7 @@ def image_like_queries(n: int, centres: np.ndarray, rng: np.random.Generator) ->
 
 def write_bank(rows: int, centres: np.ndarray, rng: np.random.Generator, chunk: int):
     """A memory bank ``bench`` (current ``DECAPFLOW_HOME``) of ``rows`` clustered vectors, one commit per chunk."""
-    from decapflow.memory import Registry
+    from decapflow.bank.memory import Registry
 
     bank = Registry().create("bench", "synthetic", centres.shape[1])
     now = datetime.now(timezone.utc)
@@ -91,7 +91,7 @@ def emit(row: dict) -> dict:
 def topk_projection(bank, queries: np.ndarray, k: int, tau: float, nprobes: int, refine: int):
     """``Captioner``'s topk path (``Captioner._topk``): ANN neighbours (vectors + texts), padding masked out,
     then projection onto each query's own neighbours. Returns (projection, bank row ids [B, k])."""
-    from decapflow.projection import project_subset
+    from decapflow.caption.projection import project_subset
 
     vectors, texts = bank.ann_neighbors(queries, k, nprobes=nprobes, refine_factor=refine)  # [B, k, D], [B][k]
     batch, k, dim = vectors.shape
@@ -103,7 +103,7 @@ def topk_projection(bank, queries: np.ndarray, k: int, tau: float, nprobes: int,
 
 def compare(args: argparse.Namespace, bank, M: np.ndarray, queries: np.ndarray, kind: str) -> None:
     """Time exact vs topk for each k and index setting; print accuracy against the exact projection."""
-    from decapflow.projection import nearest, project
+    from decapflow.caption.projection import nearest, project
 
     exact, exact_s = timed(lambda: project(queries, M, args.tau, n_support=max(args.k)))
     b1 = queries[: args.b1_queries]

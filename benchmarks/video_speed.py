@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 def build_captioner(args: argparse.Namespace, tmp: Path):
     """The captioner: ``--memory``'s bank and current decoder, or a fresh world bank with a random decoder."""
-    from decapflow.captioner import Captioner, Options
+    from decapflow.caption.captioner import Captioner, Options
 
     options = Options(strategy="pd", max_len=args.max_len, batch_size=args.batch_size)
     if args.memory:
@@ -50,9 +50,9 @@ def build_captioner(args: argparse.Namespace, tmp: Path):
     from caption_speed import bank_vocab, random_decoder
 
     from corpora.world import write_corpus
+    from decapflow.bank.ingest import run_ingest
+    from decapflow.bank.memory import Registry
     from decapflow.encoders import load_encoder
-    from decapflow.ingest import run_ingest
-    from decapflow.memory import Registry
 
     os.environ["DECAPFLOW_HOME"] = str(tmp / "home")
     corpus = write_corpus(tmp / "corpus.txt", args.corpus_scenes)
@@ -83,9 +83,9 @@ def line(path: str, frames: int, seconds: float, **extra: object) -> dict:
 
 def run(args: argparse.Namespace) -> None:
     from corpora.world_video import write_video_set
-    from decapflow.captioner import caption_paths
-    from decapflow.images import ImageFailure
-    from decapflow.video import read_frames
+    from decapflow.caption.captioner import caption_paths
+    from decapflow.caption.images import ImageFailure
+    from decapflow.caption.video import read_frames
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as name:

@@ -12,10 +12,10 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from decapflow.captioner import Captioner, Options, caption_paths
-from decapflow.images import collect_paths
-from decapflow.results import render
-from decapflow.video import DEFAULT_FRAMES, MEDIA_SUFFIXES, is_video
+from decapflow.caption.captioner import Captioner, Options, caption_paths
+from decapflow.caption.images import collect_paths
+from decapflow.caption.video import DEFAULT_FRAMES, MEDIA_SUFFIXES, is_video
+from decapflow.evaluation.results import render
 
 
 @task(name="caption-batch", cache_policy=NO_CACHE)

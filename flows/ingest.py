@@ -11,8 +11,15 @@ from prefect import Flow, flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
-from decapflow.dask_embed import embed_texts, encoder_info
-from decapflow.ingest import DEFAULT_CHUNK, bank_name_for, embed_chunk, encoder_for, run_ingest, write_chunk
+from decapflow.bank.dask_embed import embed_texts, encoder_info
+from decapflow.bank.ingest import (
+    DEFAULT_CHUNK,
+    bank_name_for,
+    embed_chunk,
+    encoder_for,
+    run_ingest,
+    write_chunk,
+)
 
 embed_task = task(embed_chunk, name="embed-chunk", cache_policy=NO_CACHE)
 write_task = task(write_chunk, name="write-chunk", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=2)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 
+from decapflow.bank.events import api_answers
 from decapflow.config import home
-from decapflow.events import api_answers
 
 EPHEMERAL_OFF = ("SCHEDULER", "LATE_RUNS", "FOREMAN", "CANCELLATION_CLEANUP", "PAUSE_EXPIRATIONS", "REPOSSESSOR",
                  "TRIGGERS", "DB_VACUUM", "CLEANUP_RECONCILER", "EVENT_LOGGER")

@@ -8,8 +8,8 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from decapflow.memory import Registry
-from decapflow.training import retrain_due, train_bank
+from decapflow.bank.memory import Registry
+from decapflow.lifecycle.training import retrain_due, train_bank
 
 train_task = task(train_bank, name="train-decoder", cache_policy=NO_CACHE)
 

@@ -73,9 +73,9 @@ SENTENCES = ["a red circle", "a blue square", "two green triangles", "a small ye
 @pytest.fixture(scope="session")
 def trained_home(tmp_path_factory: pytest.TempPathFactory, tiny_encoder_spec: str) -> Path:
     """A home with bank 'shapes' (tiny CLIP, 8 sentences) and a tiny decoder that memorised them: built once."""
+    from decapflow.bank.ingest import run_ingest
     from decapflow.decoder.train import TrainRecipe
-    from decapflow.ingest import run_ingest
-    from decapflow.training import train_from_bank
+    from decapflow.lifecycle.training import train_from_bank
 
     home = tmp_path_factory.mktemp("trained-home")
     corpus = home / "shapes.txt"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from decapflow.bank.ingest import run_ingest
+from decapflow.bank.memory import UnknownBank
 from decapflow.decoder.checkpoint import NoDecoder, UnknownDecoder, current_meta
-from decapflow.ingest import run_ingest
-from decapflow.memory import UnknownBank
 from decapflow.serve.batcher import MicroBatcher, QueueFull
 from decapflow.serve.pool import CaptionerPool
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from decapflow.captioner import Captioner, Options, caption_paths, resolve_decoder
+from decapflow.bank.ingest import run_ingest
+from decapflow.bank.memory import Registry
+from decapflow.caption.captioner import Captioner, Options, caption_paths, resolve_decoder
+from decapflow.caption.images import collect_paths, load_image, trailing_int
 from decapflow.cli import main
-from decapflow.images import collect_paths, load_image, trailing_int
-from decapflow.ingest import run_ingest
-from decapflow.memory import Registry
 
 
 def test_decoder_rebuilds_bank_sentences_from_their_vectors(home: Path) -> None:
@@ -111,7 +111,7 @@ def test_topk_over_the_ann_index_matches_exact_topk(monkeypatch: pytest.MonkeyPa
     """Large banks take topk's neighbours from the LanceDB index (built on first use, kept with the bank)."""
     from datetime import datetime, timezone
 
-    import decapflow.captioner as captioner_module
+    import decapflow.caption.captioner as captioner_module
     from decapflow.decoder.model import build_decoder
     from decapflow.decoder.vocab import Vocab
 
@@ -136,8 +136,8 @@ def test_topk_over_the_ann_index_matches_exact_topk(monkeypatch: pytest.MonkeyPa
 
 def test_bfloat16_bank_copy_gives_the_same_captions(home: Path, images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """precision="auto" switches big banks to the bfloat16 copy; the captions and support stay the same."""
-    import decapflow.captioner as captioner_module
-    from decapflow.projection import BF16Rows
+    import decapflow.caption.captioner as captioner_module
+    from decapflow.bank.rows import BF16Rows
 
     full = Captioner.for_bank("shapes", Options(strategy="pd"), precision="float32")
     assert full.precision == "float32" and Captioner.for_bank("shapes").precision == "float32"  # small: auto keeps f32

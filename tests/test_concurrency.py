@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from decapflow.memory import Registry
+from decapflow.bank.memory import Registry
 
 
 @pytest.mark.slow  # three processes importing torch on two cores: ~45 s

@@ -1,4 +1,4 @@
-"""Tests for decapflow.corpus: formats, cleaning, deduplication, error accounting, streaming memory."""
+"""Tests for decapflow.bank.corpus: formats, cleaning, deduplication, error accounting, streaming memory."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from decapflow.corpus import (
+from decapflow.bank.corpus import (
     MAX_LINES_KEPT,
     CorpusStats,
     Sentence,

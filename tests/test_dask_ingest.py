@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from decapflow.bank.ingest import run_ingest
+from decapflow.bank.memory import Registry
 from decapflow.cli import main
-from decapflow.ingest import run_ingest
-from decapflow.memory import Registry
 
 pytestmark = pytest.mark.slow  # worker processes import torch: ~10 s each start
 

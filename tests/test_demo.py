@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from decapflow.demo import FLOORS, DemoResult, DemoSettings, format_result, run_demo
+from decapflow.lifecycle.demo import FLOORS, DemoResult, DemoSettings, format_result, run_demo
 
 
 def test_floors_catch_a_broken_pipeline() -> None:

@@ -123,7 +123,7 @@ def test_deploy_all_and_run_ingest_through_a_worker(prefect: Prefect) -> None:
         assert name in out
     prefect.run("deployment", "run", "decapflow-ingest/ingest")
     prefect.run("worker", "start", "--pool", "cpu", "--run-once", timeout=300)
-    from decapflow.memory import Registry
+    from decapflow.bank.memory import Registry
 
     assert len(Registry().open("world")) == 21106  # the world corpus's distinct sentences
     (event,) = prefect.events("decapflow.bank.updated")
@@ -153,7 +153,7 @@ def test_ingest_event_triggers_a_gated_retrain_that_a_running_server_picks_up(
     shutil.copytree(trained_home, decapflow_home)
     monkeypatch.setenv("DECAPFLOW_HOME", str(decapflow_home))
     from decapflow.decoder.registry import decoders
-    from decapflow.training import train_bank
+    from decapflow.lifecycle.training import train_bank
 
     weak = train_bank("shapes", "tiny", TINY_WEAK, progress=False)["decoder"]  # by hand: a poor decoder is current
     reg = decoders()

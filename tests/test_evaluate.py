@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from decapflow.evaluate import (
+from decapflow.evaluation.evaluate import (
     java_available,
     load_coco_references,
     load_results,
@@ -71,7 +71,7 @@ def test_id_and_metric_errors_are_clear():
 
 @needs_java
 def test_spice_is_skipped_with_a_notice_when_its_models_are_missing(caplog):
-    with caplog.at_level(logging.WARNING, logger="decapflow.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="decapflow.evaluation.evaluate"):
         scores = score_captions(REFERENCES, {1: REFERENCES[1][0]}, metrics=("bleu", "spice"))
     assert ("SPICE" in scores) == spice_available()
     if not spice_available():

@@ -21,7 +21,7 @@ def test_caption_flow_writes_results_and_manifest(own_home: Path, images: Path, 
 
 
 def test_retrain_flow_only_retrains_changed_banks(own_home: Path, tmp_path: Path) -> None:
-    from decapflow.ingest import run_ingest
+    from decapflow.bank.ingest import run_ingest
     from flows.train import retrain_flow
 
     recipe = {"epochs": 1, "batch_size": 4, "val_fraction": 0.0}

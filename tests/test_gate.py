@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 from click.testing import CliRunner
 
+from decapflow.bank.ingest import run_ingest
+from decapflow.bank.memory import Registry
 from decapflow.cli import main
 from decapflow.decoder.registry import decoders
 from decapflow.decoder.train import TrainRecipe
-from decapflow.gate import decide, eval_sets, held_out_texts, text_eval_set
-from decapflow.ingest import run_ingest
-from decapflow.memory import Registry
-from decapflow.training import retrain_due, train_bank, train_from_bank
+from decapflow.lifecycle.gate import decide, eval_sets, held_out_texts, text_eval_set
+from decapflow.lifecycle.training import retrain_due, train_bank, train_from_bank
 
 WEAK = {"epochs": 1, "max_steps": 1, "batch_size": 8, "lr": 1e-4, "val_fraction": 0.0}
 STRONG = {"epochs": 150, "batch_size": 8, "lr": 1e-2, "warmup_steps": 10, "val_fraction": 0.0, "patience": None}
@@ -157,14 +157,14 @@ def test_image_eval_set_is_copied_into_the_store_and_gates(own_home: Path, image
 
 
 def test_events_are_a_no_op_without_a_prefect_server() -> None:
-    from decapflow import events
+    from decapflow.bank import events
 
     assert events.bank_updated("x", 1, 2, 3) is False
 
 
 def test_gate_metric_names_match_the_cli() -> None:
     from decapflow.cli.decoders import GATE_METRICS
-    from decapflow.gate import METRICS
+    from decapflow.lifecycle.gate import METRICS
 
     assert GATE_METRICS == METRICS
 

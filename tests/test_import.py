@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from decapflow.bank.corpus import content_hash
+from decapflow.bank.importer import run_import
+from decapflow.bank.ingest import run_ingest
+from decapflow.bank.memory import Registry
 from decapflow.cli import main
-from decapflow.corpus import content_hash
 from decapflow.errors import BankError
-from decapflow.importer import run_import
-from decapflow.ingest import run_ingest
-from decapflow.memory import Registry
 
 
 def unit(n: int, d: int = 32, seed: int = 0) -> np.ndarray:

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from decapflow.corpus import clean_text
+from decapflow.bank.corpus import clean_text
+from decapflow.bank.ingest import bank_name_for, run_ingest
+from decapflow.bank.memory import BankError, Registry
 from decapflow.encoders import load_encoder
-from decapflow.ingest import bank_name_for, run_ingest
-from decapflow.memory import BankError, Registry
 
 WORDS = "red green blue small large circle square triangle dog cat on the left right of a near".split()
 

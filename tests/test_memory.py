@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from decapflow.memory import BankError, Registry, check_name
+from decapflow.bank.memory import BankError, Registry, check_name
 
 
 def unit(rows: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -79,7 +79,7 @@ def test_search_and_vector_cache(decapflow_home: Path) -> None:
 
 
 def test_vector_cache_streams_in_batches_and_has_a_bfloat16_copy(decapflow_home: Path, monkeypatch) -> None:
-    import decapflow.memory as memory
+    import decapflow.bank.memory as memory
 
     monkeypatch.setattr(memory, "CACHE_BATCH_ROWS", 16)  # several batches, a partial last one
     bank = Registry().create("s", "e", 8)
@@ -128,10 +128,10 @@ def test_export_and_delete(tmp_path: Path) -> None:
     assert pq.read_table(tmp_path / "out.parquet").num_rows == 2
     with pytest.raises(BankError):
         bank.export(tmp_path / "out.xlsx")
-    registry.delete("e")
+    assert registry.drop("e") == 2
     assert registry.names() == []
     with pytest.raises(BankError):
-        registry.delete("e")
+        registry.drop("e")
 
 
 def test_ann_index_finds_stored_rows() -> None:

@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from decapflow.captioner import Captioner, Options
+from decapflow.caption.captioner import Captioner, Options
 from decapflow.cli import main
-from decapflow.memory_size import (
+from decapflow.evaluation.memory_size import (
     MemorySizeStudy,
     SizeRun,
     parse_sizes,
@@ -139,7 +139,7 @@ def test_plot_has_a_panel_per_metric(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_score_many_equals_score_captions_with_meteor() -> None:
-    from decapflow.evaluate import score_captions, score_many
+    from decapflow.evaluation.evaluate import score_captions, score_many
 
     refs = {1: ["a red circle", "one red circle"], 2: ["two blue squares", "a pair of blue squares"],
             3: ["a small green triangle"]}
@@ -149,7 +149,7 @@ def test_score_many_equals_score_captions_with_meteor() -> None:
 
 
 def test_captions_already_decoded_on_the_whole_bank_are_reused(home: Path) -> None:
-    from decapflow.memory_size import run_study
+    from decapflow.evaluation.memory_size import run_study
 
     base = Captioner.for_bank("shapes", Options())
     ids = [1, 2, 3]

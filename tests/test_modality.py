@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from decapflow.captioner import Captioner, Options
-from decapflow.cli import main
-from decapflow.errors import BankError
-from decapflow.memory import Registry
-from decapflow.modality import (
+from decapflow.bank.memory import Registry
+from decapflow.bank.rows import BF16Rows
+from decapflow.caption.captioner import Captioner, Options
+from decapflow.caption.modality import (
     ImageMean,
     blend,
     gap,
@@ -23,7 +22,9 @@ from decapflow.modality import (
     save_image_mean,
     unit,
 )
-from decapflow.projection import BF16Rows
+from decapflow.cli import main
+from decapflow.errors import BankError
+from decapflow.lifecycle.deletion import delete_bank
 
 
 def test_mean_shift_moves_an_image_cone_onto_the_text_cone() -> None:
@@ -84,5 +85,5 @@ def test_image_mean_command_records_it_and_bank_removal_drops_it(own_home: Path,
     assert mean is not None and mean.images == 3 and mean.vector.shape == (bank.dim,)
     with pytest.raises(BankError, match="recorded with encoder"):
         load_image_mean("shapes", "another-encoder")
-    assert Registry().delete("shapes")["image_mean"] == 1
+    assert delete_bank("shapes")["image_mean"] == 1
     assert load_image_mean("shapes", bank.encoder) is None

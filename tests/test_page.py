@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from decapflow.captioner import Captioner, Options, caption_paths
+from decapflow.caption.captioner import Captioner, Options, caption_paths
 from decapflow.decoder.checkpoint import current_meta
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from decapflow.projection import (
+from decapflow.bank.rows import BF16Rows
+from decapflow.caption.projection import (
     STRATEGIES,
-    BF16Rows,
     Projection,
     _blas_threads,
     _openblas_thread_api,

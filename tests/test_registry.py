@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from decapflow.bank.store import Store, StoreLocked
 from decapflow.decoder.checkpoint import register, save_decoder
 from decapflow.decoder.model import DeCapDecoder, build_decoder
 from decapflow.decoder.registry import Decoders, decoders
 from decapflow.decoder.vocab import Vocab, tokenize
 from decapflow.errors import NoDecoder
-from decapflow.store import Store, StoreLocked
 
 
 @pytest.fixture
@@ -80,7 +80,7 @@ def test_old_home_layout_moves_into_the_store(model, decapflow_home: Path, tmp_p
 
 LOCK_WORKER = """
 import sys, time
-from decapflow.store import Store
+from decapflow.bank.store import Store
 store, counter = Store(sys.argv[1]), sys.argv[2]
 for _ in range(10):
     with store.lock("count", timeout=60):

@@ -13,7 +13,10 @@ import httpx
 import pytest
 from PIL import Image
 
-from decapflow.captioner import Captioner, Options, caption_paths
+from decapflow.bank.ingest import run_ingest
+from decapflow.bank.memory import Registry
+from decapflow.caption.captioner import Captioner, Options, caption_paths
+from decapflow.caption.images import collect_paths
 from decapflow.decoder.checkpoint import (
     current_decoder,
     current_meta,
@@ -22,9 +25,6 @@ from decapflow.decoder.checkpoint import (
     register,
     set_current,
 )
-from decapflow.images import collect_paths
-from decapflow.ingest import run_ingest
-from decapflow.memory import Registry
 
 
 def wait_until(condition, seconds: float = 60) -> None:

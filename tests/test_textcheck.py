@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from decapflow.corpus import CorpusError
-from decapflow.textcheck import check_text
+from decapflow.bank.corpus import CorpusError
+from decapflow.bank.textcheck import check_text
 from tests.test_corpus import RAW, encode, write
 
 
@@ -119,8 +119,8 @@ def test_check_text_reads_only_a_sample(tmp_path: Path) -> None:
 
 
 def test_ingest_refuses_binary_before_creating_a_bank(tmp_path: Path, tiny_encoder_spec: str) -> None:
-    from decapflow.ingest import run_ingest
-    from decapflow.memory import Registry
+    from decapflow.bank.ingest import run_ingest
+    from decapflow.bank.memory import Registry
 
     good = write(tmp_path / "good.txt", encode("txt", RAW))
     run_ingest(good, "kept", tiny_encoder_spec)
@@ -135,8 +135,8 @@ def test_ingest_refuses_binary_before_creating_a_bank(tmp_path: Path, tiny_encod
 def test_cli_ingest_refuses_binary_with_one_clear_line(tmp_path: Path, tiny_encoder_spec: str) -> None:
     from click.testing import CliRunner
 
+    from decapflow.bank.memory import Registry
     from decapflow.cli import main
-    from decapflow.memory import Registry
 
     noise = write(tmp_path / "random.bin", random_bytes())
     result = CliRunner().invoke(main, ["ingest", str(noise), "--memory", "x", "--encoder", tiny_encoder_spec,

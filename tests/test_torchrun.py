@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from decapflow.bank.ingest import run_ingest
 from decapflow.decoder.registry import decoders
-from decapflow.ingest import run_ingest
 
 BIN = Path(sys.executable).parent
 

@@ -17,12 +17,10 @@ from PIL import Image
 
 from corpora.world import make_split
 from corpora.world_video import VIDEO_SEED, render_frames, video_file_name, write_video, write_video_set
-from decapflow.captioner import Captioner, Options, caption_paths
-from decapflow.cli import main
-from decapflow.encoders import load_encoder
-from decapflow.images import ImageFailure
-from decapflow.memory import Registry
-from decapflow.video import (
+from decapflow.bank.memory import Registry
+from decapflow.caption.captioner import Captioner, Options, caption_paths
+from decapflow.caption.images import ImageFailure
+from decapflow.caption.video import (
     MAX_FRAMES,
     embed_media,
     is_video,
@@ -31,6 +29,8 @@ from decapflow.video import (
     read_frames,
     sample_indices,
 )
+from decapflow.cli import main
+from decapflow.encoders import load_encoder
 
 
 def run(*args: str, ok: bool = True):
@@ -59,7 +59,7 @@ def grey_video(path: Path, levels: list[int], codec: str = "mpeg4") -> Path:
 
 
 def all_frames(path: Path) -> list[Image.Image]:
-    """Every frame of ``path``, decoded with PyAV directly (not through decapflow.video)."""
+    """Every frame of ``path``, decoded with PyAV directly (not through decapflow.caption.video)."""
     with av.open(str(path)) as container:
         return [f.to_image() for f in container.decode(video=0)]
 

@@ -58,7 +58,7 @@ def ingest(corpus: Path, memory: str | None, encoder: str | None, fmt: str | Non
     if as_json:
         echo_json({**report, "prefect_seconds": overhead})
         return
-    from decapflow.ingest import IngestReport
+    from decapflow.bank.ingest import IngestReport
 
     click.echo(IngestReport(**report).summary())
     if overhead is not None:
@@ -84,13 +84,13 @@ def run_maybe_in_prefect(flow: str, mode: str, **kwargs: Any) -> tuple[dict[str,
 
 
 def _ingest_in_process(path: str, **kwargs: Any) -> dict[str, Any]:
-    from decapflow.ingest import run_ingest
+    from decapflow.bank.ingest import run_ingest
 
     return run_ingest(Path(path), **kwargs).to_dict()
 
 
 def _train_in_process(**kwargs: Any) -> dict[str, Any]:
-    from decapflow.training import train_bank
+    from decapflow.lifecycle.training import train_bank
 
     return train_bank(**kwargs)
 
@@ -121,7 +121,7 @@ def memory() -> None:
 @json_option
 def memory_list(store: str | None, as_json: bool) -> None:
     """List the memory banks with their size and encoder."""
-    from decapflow.memory import Registry
+    from decapflow.bank.memory import Registry
 
     registry = Registry(store)
     rows = [registry.open(name).summary() for name in registry.names()]
@@ -140,7 +140,7 @@ def memory_list(store: str | None, as_json: bool) -> None:
 @json_option
 def memory_show(name: str, store: str | None, as_json: bool) -> None:
     """Describe a bank: rows, encoder, size on disk, ingests and versions."""
-    from decapflow.memory import Registry
+    from decapflow.bank.memory import Registry
 
     info = Registry(store).open(name).describe()
     if as_json:
@@ -166,8 +166,8 @@ def memory_show(name: str, store: str | None, as_json: bool) -> None:
 @json_option
 def memory_search(name: str, query: str, k: int, device: str | None, store: str | None, as_json: bool) -> None:
     """Show the bank's sentences nearest to QUERY (embedded with the bank's encoder)."""
+    from decapflow.bank.memory import Registry
     from decapflow.encoders import load_encoder
-    from decapflow.memory import Registry
 
     bank = Registry(store).open(name)
     vector = load_encoder(bank.encoder, device).encode_text([query])[0]
@@ -185,7 +185,7 @@ def memory_search(name: str, query: str, k: int, device: str | None, store: str 
 @store_option
 def memory_export(name: str, output: Path, store: str | None) -> None:
     """Write a bank to OUTPUT: .jsonl (hash, text, source), .txt (texts) or .parquet (with vectors)."""
-    from decapflow.memory import Registry
+    from decapflow.bank.memory import Registry
 
     n = Registry(store).open(name).export(output)
     click.echo(f"wrote {n} rows to {output}")
@@ -197,15 +197,16 @@ def memory_export(name: str, output: Path, store: str | None) -> None:
 @store_option
 def memory_rm(name: str, yes: bool, store: str | None) -> None:
     """Delete a bank with all its versions, its decoders and its evaluation sets (asks unless --yes)."""
+    from decapflow.bank.memory import Registry
     from decapflow.decoder.registry import list_decoders
-    from decapflow.memory import Registry
+    from decapflow.lifecycle.deletion import delete_bank
 
     registry = Registry(store)
     bank = registry.open(name)
     if not yes:
         click.confirm(f"Delete bank {name!r} ({len(bank)} rows, all versions) and its "
                       f"{len(list_decoders(name, store))} decoder(s)?", abort=True)
-    gone = registry.delete(name)
+    gone = delete_bank(name, registry.store)
     click.echo(f"deleted bank {name!r}: {gone['rows']} rows, {gone['decoders']} decoder(s), "
                f"{gone['eval_sets']} evaluation set(s)")
 
@@ -233,7 +234,7 @@ def memory_index(name: str, kind: str, partitions: int | None, iterations: int, 
     \b
     Example:  decapflow memory index bookcorpus --partitions 2048
     """
-    from decapflow.memory import Registry
+    from decapflow.bank.memory import Registry
 
     bank = Registry(store).open(name)
     start = time.perf_counter()
@@ -263,8 +264,8 @@ def memory_eval_set(name: str, annotations: Path | None, images: Path | None, sp
     Examples: decapflow memory eval-set coco
               decapflow memory eval-set coco --annotations captions_val2014.json --images val2014/
     """
-    from decapflow.gate import add_image_eval_set, eval_sets, text_eval_set
-    from decapflow.memory import Registry
+    from decapflow.bank.memory import Registry
+    from decapflow.lifecycle.gate import add_image_eval_set, eval_sets, text_eval_set
 
     bank = Registry(store).open(name)
     if bool(annotations) != bool(images):
@@ -302,10 +303,10 @@ def memory_image_mean(name: str, images: tuple[str, ...], limit: int, device: st
     \b
     Example: decapflow memory image-mean coco --images train2014/ --limit 2000
     """
+    from decapflow.bank.memory import Registry
+    from decapflow.caption.images import ImageFailure, collect_paths, load_image
+    from decapflow.caption.modality import record_image_mean
     from decapflow.encoders import load_encoder
-    from decapflow.images import ImageFailure, collect_paths, load_image
-    from decapflow.memory import Registry
-    from decapflow.modality import record_image_mean
 
     bank = Registry(store).open(name)
     paths = collect_paths(images)[:limit]
@@ -343,7 +344,7 @@ def memory_import(source: Path, memory: str, encoder: str | None, text_field: st
     \b
     Example:  decapflow memory import clip_out/ --memory cc3m --encoder ViT-B-32:openai
     """
-    from decapflow.importer import run_import
+    from decapflow.bank.importer import run_import
 
     report = run_import(source, memory, encoder, store, text_field=text_field, vector_field=vector_field,
                         chunk_size=chunk_size, progress=not as_json)

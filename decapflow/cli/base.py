@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from decapflow import __version__
+from decapflow._version import __version__
 
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, RuntimeError, KeyError)
 

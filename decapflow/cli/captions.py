@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
+from decapflow.caption.projection import STRATEGIES
 from decapflow.cli.base import echo_json, json_option, main, store_option
-from decapflow.projection import STRATEGIES
 
 
 # ---------------------------------------------------------------------------------------------- caption
@@ -66,9 +66,9 @@ def caption(images: tuple[str, ...], memory: str, strategy: str, tau: float, k: 
     Videos:   decapflow caption --memory world clip.mp4 videos/ --frames 16
     Through a warm server:  decapflow caption --server http://127.0.0.1:8000 --memory world photos/
     """
-    from decapflow.images import collect_paths
-    from decapflow.results import render
-    from decapflow.video import MEDIA_SUFFIXES
+    from decapflow.caption.images import collect_paths
+    from decapflow.caption.video import MEDIA_SUFFIXES
+    from decapflow.evaluation.results import render
 
     paths = collect_paths(images, MEDIA_SUFFIXES)
     if not paths:
@@ -81,7 +81,7 @@ def caption(images: tuple[str, ...], memory: str, strategy: str, tau: float, k: 
         with ServeClient(server, api_key) as client:
             captions, failures = client.caption_paths(paths, params, batch_size=min(batch_size, 16))
     else:
-        from decapflow.captioner import Captioner, Options, caption_paths
+        from decapflow.caption.captioner import Captioner, Options, caption_paths
 
         options = Options(strategy=strategy, tau=tau, k=k, beam=beam, max_len=max_len, batch_size=batch_size)
         captioner = Captioner.for_bank(memory, options, decoder=decoder_id, store=store, device=device,
@@ -104,7 +104,7 @@ def caption(images: tuple[str, ...], memory: str, strategy: str, tau: float, k: 
 def _bank_sizes(ctx: click.Context, param: click.Parameter, value: str | None) -> list | None:
     if value is None:
         return None
-    from decapflow.memory_size import parse_sizes
+    from decapflow.evaluation.memory_size import parse_sizes
 
     try:
         return parse_sizes(value)
@@ -160,7 +160,7 @@ def evaluate_command(annotations: Path, images: Path | None, results: Path | Non
 
     The paper's COCO Karpathy-test recipe is in the README ("Reproducing the paper").
     """
-    from decapflow.evaluate import (
+    from decapflow.evaluation.evaluate import (
         METRIC_KEYS,
         load_coco_references,
         load_results,
@@ -181,8 +181,8 @@ def evaluate_command(annotations: Path, images: Path | None, results: Path | Non
     else:
         if images is None or memory is None:
             raise click.UsageError("give --results FILE, or --images DIR with --memory NAME")
-        from decapflow.captioner import Captioner, Options
-        from decapflow.experiment import run_strategies, speeds
+        from decapflow.caption.captioner import Captioner, Options
+        from decapflow.evaluation.experiment import run_strategies, speeds
 
         strategies = list(STRATEGIES) if compare_strategies else [strategy]
         base = Captioner.for_bank(memory, Options(strategy=strategies[0], tau=tau, beam=beam), store=store,
@@ -221,9 +221,9 @@ def _default_eval_dir(name: str) -> Path:
 
 def _memory_size_study(base: Any, annotations: Path, images: Path, sizes: list, seed: int, strategies: list[str],
                        metrics: Any, split: str | None, limit: int | None, out: Path, as_json: bool) -> None:
-    """``eval --bank-sizes``: the study (decapflow.memory_size), its report, plot and per-run results files."""
-    from decapflow.evaluate import write_results
-    from decapflow.memory_size import markdown, study_annotated_images, write_study
+    """``eval --bank-sizes``: the study (decapflow.evaluation.memory_size), its report, plot and per-run results files."""
+    from decapflow.evaluation.evaluate import write_results
+    from decapflow.evaluation.memory_size import markdown, study_annotated_images, write_study
 
     study, failures = study_annotated_images(base, annotations, images, sizes, seed, strategies, metrics, split,
                                              limit)
@@ -271,7 +271,7 @@ def demo(images: int, config: str, epochs: int, max_steps: int | None, retrain: 
     random subsets of 100, 1000 and 5000 bank rows and the whole bank, plotted next to the report
     (report-memory-size.png). About 7 minutes on 2 CPU cores; a second run reuses the bank and decoder.
     """
-    from decapflow.demo import DemoSettings, format_result, run_demo
+    from decapflow.lifecycle.demo import DemoSettings, format_result, run_demo
 
     settings = DemoSettings(images=images, config=config, epochs=epochs, max_steps=max_steps,
                             meteor=not no_meteor, retrain=retrain, threads=threads, novel=novel, encoder=encoder)

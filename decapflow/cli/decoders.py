@@ -9,7 +9,7 @@ import click
 from decapflow.cli.banks import run_maybe_in_prefect
 from decapflow.cli.base import Group, echo_json, json_option, main, store_option
 
-GATE_METRICS = ("text.cider", "text.bleu4", "text.exact", "images.cider")  # decapflow.gate.METRICS (no torch here)
+GATE_METRICS = ("text.cider", "text.bleu4", "text.exact", "images.cider")  # decapflow.lifecycle.gate.METRICS (no torch here)
 SHOWN = ("cider", "bleu4", "exact")
 
 
@@ -181,8 +181,8 @@ def decoder_prune(memory: str, keep_rejected: int, keep_promoted: int, store: st
 @store_option
 def decoder_import(checkpoint: Path, memory: str, encoder: str, store: str | None) -> None:
     """Import an official DeCap checkpoint (a torch.save'd state_dict, loaded with weights_only=True)."""
+    from decapflow.bank.memory import Registry
     from decapflow.decoder.checkpoint import import_official, register
-    from decapflow.memory import Registry
 
     registry = Registry(store)
     if registry.exists(memory):

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
-import decapflow
+from decapflow._version import __version__
 from decapflow.decoder.model import DeCapDecoder, DecoderConfig
 from decapflow.decoder.registry import (  # noqa: F401  (the registry's names, importable from here too)
     NoDecoder,
@@ -53,7 +53,7 @@ def write_decoder_files(folder: Path, model: DeCapDecoder, vocab: Vocab, meta: d
     vocab.save(folder / "vocab.json")
     full_meta = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "decapflow_version": decapflow.__version__,
+        "decapflow_version": __version__,
         "num_params": model.num_params(),
         **(meta or {}),
     }
@@ -115,7 +115,7 @@ def register(
 
     ``source`` is a checkpoint folder (copied) or a model (saved with ``vocab`` and ``meta``); the copy's
     ``meta.json`` gets ``"bank": bank`` unless it names one. It is recorded as a ``challenger``;
-    ``make_current`` also makes it current, unconditionally (see :mod:`decapflow.gate` for the gated way)."""
+    ``make_current`` also makes it current, unconditionally (see :mod:`decapflow.lifecycle.gate` for the gated way)."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="decapflow-register-") as tmp_root:

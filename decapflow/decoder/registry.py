@@ -1,6 +1,6 @@
 """The decoder registry: which decoders each memory bank has, how they scored, which one is current. No torch.
 
-Decoders live in the bank's store (:mod:`decapflow.store`): files under ``<store>/_decoders/<bank>/<id>/`` and one
+Decoders live in the bank's store (:mod:`decapflow.bank.store`): files under ``<store>/_decoders/<bank>/<id>/`` and one
 record per decoder in the ``_decoders`` table (status, scores per evaluation set, gate decision, parent, bank
 version). A decoder exists once its record does: files are uploaded first. Ids look like ``20261127-031500-3fa2c1``
 (UTC time, then a hash of the weights).
@@ -22,9 +22,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from decapflow.bank.store import Store, get_store
 from decapflow.config import cache_dir, home, store_uri
 from decapflow.errors import NoDecoder, UnknownDecoder
-from decapflow.store import Store, get_store
 
 __all__ = ["Decoders", "NoDecoder", "UnknownDecoder", "current_decoder", "current_meta", "decoders", "find_decoder",
            "list_decoders", "set_current"]

@@ -31,9 +31,9 @@ from typing import Any
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from decapflow import __version__
+from decapflow._version import __version__
+from decapflow.bank.memory import Registry
 from decapflow.decoder.registry import current_meta
-from decapflow.memory import Registry
 from decapflow.serve import worker
 from decapflow.serve.batcher import MicroBatcher
 from decapflow.serve.errors import ApiError, error_response, install_handlers

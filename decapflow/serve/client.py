@@ -1,4 +1,4 @@
-"""A client of ``decapflow serve``: send image (or video) files, get :class:`~decapflow.captioner.Caption` objects back.
+"""A client of ``decapflow serve``: send image (or video) files, get :class:`~decapflow.caption.captioner.Caption` objects back.
 
 ``decapflow caption --server URL`` uses it, so many clients share one warm server and print what a local run
 prints. An image the server cannot read is reported as a failure (like a local run), the rest still captioned.
@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 
-from decapflow.captioner import Caption
-from decapflow.images import ImageFailure
+from decapflow.caption.captioner import Caption
+from decapflow.caption.images import ImageFailure
 
 
 class ServerError(RuntimeError):

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from decapflow.images import ImageFailure, load_image
+from decapflow.caption.images import ImageFailure, load_image
 from decapflow.serve.errors import ApiError, describe_validation
 
 
@@ -103,7 +103,7 @@ async def read_caption_request(request: Request, max_images: int) -> tuple[Capti
 
 def is_video_upload(upload: Upload) -> bool:
     """Whether an upload is a video: by its name's suffix (.mp4 .mov .webm ...) or its first bytes."""
-    from decapflow.video import is_video, looks_like_video
+    from decapflow.caption.video import is_video, looks_like_video
 
     return is_video(upload.name) or looks_like_video(upload.data)
 
@@ -111,7 +111,7 @@ def is_video_upload(upload: Upload) -> bool:
 def decode_video_upload(upload: Upload, max_pixels: int, frames: int) -> list[Any]:
     """``frames`` RGB frames sampled uniformly from a video upload, or a 422 ``invalid_video`` saying why not
     (empty, not a readable video, no video stream, frames over ``max_pixels``)."""
-    from decapflow.video import read_frames_from_bytes
+    from decapflow.caption.video import read_frames_from_bytes
 
     if not upload.data:
         raise ApiError(422, "invalid_video", "the upload is empty")

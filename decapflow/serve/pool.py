@@ -1,6 +1,6 @@
 """Warm captioners for a server: banks, decoders and encoders loaded once, kept fresh, least recently used evicted.
 
-A :class:`CaptionerPool` hands out a :class:`~decapflow.captioner.Captioner` for ``(bank, decoder)``. On every call
+A :class:`CaptionerPool` hands out a :class:`~decapflow.caption.captioner.Captioner` for ``(bank, decoder)``. On every call
 it checks, cheaply, whether the bank's LanceDB version has moved (an ingest; ``checkout_latest`` costs ~1 ms) or
 its current decoder has changed (a promotion, a rollback; one read of the store's small ``_current`` table, ~3 ms),
 and if so loads the new state before answering. A batch already running keeps the captioner it started with, so a swap never fails a
@@ -14,12 +14,12 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from decapflow.captioner import Captioner, Options, check_decoder_encoder, resolve_decoder
+from decapflow.bank.memory import MemoryBank, Registry
+from decapflow.caption.captioner import Captioner, Options, check_decoder_encoder, resolve_decoder
 from decapflow.config import default_device
 from decapflow.decoder.checkpoint import load_decoder
 from decapflow.decoder.registry import decoders
 from decapflow.encoders import Encoder, load_encoder
-from decapflow.memory import MemoryBank, Registry
 
 #: Decoders kept loaded per bank (its current one plus others clients asked for), oldest dropped first.
 MAX_DECODERS_PER_BANK = 3

@@ -60,8 +60,8 @@ def run_batch(server_id: str, key: tuple[str, str | None, tuple[tuple[str, Any],
 
     Returns one entry per upload (``(caption dict, bank version, decoder id)``, or the ApiError of an image
     or video that could not be read, which fails that request alone) and :func:`status`."""
-    from decapflow.captioner import Options
-    from decapflow.video import DEFAULT_FRAMES, embed_media, embed_video
+    from decapflow.caption.captioner import Options
+    from decapflow.caption.video import DEFAULT_FRAMES, embed_media, embed_video
 
     state = _STATES[server_id]
     bank, decoder, values = key

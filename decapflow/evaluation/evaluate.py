@@ -155,7 +155,7 @@ def _validate(references, predictions, require_all: bool) -> list[ImageId]:
 def _spice_notice() -> None:
     """Said once per process, however many strategies are scored."""
     logger.warning("SPICE skipped: its Stanford CoreNLP models are not installed (they need a download; "
-                   "see decapflow.evaluate.spice_available)")
+                   "see decapflow.evaluation.evaluate.spice_available)")
 
 
 def _selected(metrics: Iterable[str] | None) -> list[str]:

@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from decapflow.bank.memory import MemoryBank, Registry
+from decapflow.bank.store import Store, get_store
 from decapflow.decoder.registry import Decoders, decoders, utc_now
 from decapflow.errors import BankError
-from decapflow.memory import MemoryBank, Registry
-from decapflow.store import Store, get_store
 
 __all__ = ["METRICS", "Decision", "EvalSet", "add_image_eval_set", "decide", "drop_eval_sets", "eval_sets",
            "held_out_texts",
@@ -119,7 +119,7 @@ def add_image_eval_set(bank: MemoryBank, annotations: Path, images: Path, store:
                        split: str | None = None) -> EvalSet:
     """Register an annotated image set for ``bank``: the annotations and the images they name are copied into
     the store (``_evalsets/<bank>/<id>/``), so any worker can score on them. Refuses missing images."""
-    from decapflow.evaluate import load_coco_references
+    from decapflow.evaluation.evaluate import load_coco_references
 
     store = get_store(store)
     references, by_file = load_coco_references(annotations, split)
@@ -164,7 +164,7 @@ def _rows(bank: MemoryBank, hashes: list[str], columns: list[str]) -> list[list[
 
 
 def _score_text(model: Any, vocab: Any, bank: MemoryBank, evalset: EvalSet) -> dict[str, float]:
-    from decapflow.evaluate import score_captions
+    from decapflow.evaluation.evaluate import score_captions
 
     hashes, texts, vectors = _rows(bank, evalset.hashes, ["hash", "text", "vector"])
     if len(hashes) != len(evalset.hashes):
@@ -177,10 +177,10 @@ def _score_text(model: Any, vocab: Any, bank: MemoryBank, evalset: EvalSet) -> d
 
 
 def _score_images(captioner: Any, store: Store, evalset: EvalSet) -> dict[str, float]:
-    from decapflow.captioner import Options
+    from decapflow.caption.captioner import Options
+    from decapflow.caption.images import load_image
     from decapflow.config import cache_dir
-    from decapflow.evaluate import score_captions
-    from decapflow.images import load_image
+    from decapflow.evaluation.evaluate import score_captions
 
     parts = ("_evalsets", evalset.bank, evalset.id)
     local = store.local_path(*parts)
@@ -204,7 +204,7 @@ def score_decoder(bank: MemoryBank, decoder_id: str, evalset: EvalSet, store: St
         raise BankError(f"bank {bank.name!r} has no decoder {decoder_id!r}")
     if evalset.id in record["scores"]:
         return record["scores"][evalset.id]
-    from decapflow.captioner import Captioner, check_decoder_encoder
+    from decapflow.caption.captioner import Captioner, check_decoder_encoder
     from decapflow.decoder.checkpoint import load_decoder
     from decapflow.encoders import load_encoder
 
@@ -300,7 +300,7 @@ def decide(bank_name: str, challenger: str, *, gate: bool = True, metric: str = 
                         reason, record.get("bank_version") if record else None, round(time.perf_counter() - start, 2))
     reg.update(bank_name, challenger, status=None if promote else "rejected", decision=decision.to_dict())
     if emit:
-        from decapflow.events import decoder_decided
+        from decapflow.bank.events import decoder_decided
 
         decoder_decided(decision.to_dict())
     return decision

@@ -5,9 +5,9 @@ video (the middle frame of each of N equal segments, :func:`sample_indices`), em
 encoder, averaged and re-normalised (:func:`mean_embedding`). That one unit vector then goes through any
 strategy like an image embedding does (``Captioner.caption_embeddings``).
 
-Reading is guarded like images are (:mod:`decapflow.images`): a file that is not a video, has no video stream,
+Reading is guarded like images are (:mod:`decapflow.caption.images`): a file that is not a video, has no video stream,
 is truncated or corrupt, or whose frames are larger than ``max_pixels`` (read from the stream header before any
-frame is decoded) becomes an :class:`~decapflow.images.ImageFailure` with a reason, never an exception. Files are
+frame is decoded) becomes an :class:`~decapflow.caption.images.ImageFailure` with a reason, never an exception. Files are
 handed to FFmpeg as Python file objects, so a file name is never read as an FFmpeg protocol or URL.
 
 The frame count comes from the container header (MP4, MOV, AVI) or, where the header has none (WebM, MKV), from
@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from decapflow.images import DRAFT_SIZE, IMAGE_SUFFIXES, MAX_PIXELS, ImageFailure, load_image
+from decapflow.caption.images import DRAFT_SIZE, IMAGE_SUFFIXES, MAX_PIXELS, ImageFailure, load_image
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".avi", ".mov", ".webm", ".mkv"})
 #: What ``decapflow caption`` collects from folders: images and videos.

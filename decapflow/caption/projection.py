@@ -15,7 +15,7 @@ The strategies a captioner can pick (``STRATEGIES``):
 ``nnd``     nearest-neighbour decoding: the single closest bank vector (:func:`nearest`, then ``M[ids[:, 0]]``)
 ``vd``      visual decoding: the raw image embedding, re-normalised (:func:`identity`)
 ``clipre``  CLIP retrieval: no decoding at all, the caller returns the bank *text* at ``nearest(...)[0][:, 0]``
-``ms``      mean-shift gap correction, ``normalize(v - mu_img + mu_txt)`` (:mod:`decapflow.modality`)
+``ms``      mean-shift gap correction, ``normalize(v - mu_img + mu_txt)`` (:mod:`decapflow.caption.modality`)
 ``rerank``  candidates (pd, nnd, ms, blends) decoded and re-ranked by CLIP text-image similarity (modality)
 ==========  ==========================================================================================
 
@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from decapflow.bank.rows import BF16Rows
 
 STRATEGIES: tuple[str, ...] = ("pd", "topk", "nnd", "vd", "clipre", "ms", "rerank")
 
@@ -115,50 +117,6 @@ def _blas_threads() -> Iterator[None]:
     finally:
         if old != want:
             api.set(old)
-
-
-# --------------------------------------------------------------------------------------- bfloat16 banks
-
-
-class BF16Rows:
-    """A bank stored as bfloat16: ``bits`` is a uint16 [N, D] array (usually a read-only memmap) holding the top
-    half of each float32. Indexing returns float32 rows, so the strategies take it wherever they take a bank.
-
-    numpy has no bfloat16 type: a bfloat16 is the top 16 bits of a float32, so the conversions are bit shifts."""
-
-    def __init__(self, bits: np.ndarray) -> None:
-        if bits.dtype != np.uint16 or bits.ndim != 2:
-            raise ValueError(f"bfloat16 rows must be a uint16 [N, D] array, got {bits.dtype} {bits.shape}")
-        self.bits = bits
-        self.shape = bits.shape
-        self.ndim = 2
-        self.dtype = np.dtype(np.float32)  # what reading it gives
-
-    @staticmethod
-    def encode(rows: np.ndarray) -> np.ndarray:
-        """float32 [n, D] -> the uint16 bit patterns of their bfloat16 rounding (to nearest, ties to even)."""
-        u = np.ascontiguousarray(rows, dtype=np.float32).view(np.uint32)
-        return ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
-
-    @staticmethod
-    def decode(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """uint16 bit patterns [n, D] -> float32 [n, D], exactly (into ``out`` when given: no allocation).
-        A shift into the top half of each float32: ~1 ns per value here (torch's bf16->f32 copy was 40x slower)."""
-        if out is None:
-            out = np.empty(bits.shape, np.float32)
-        np.left_shift(bits, 16, out=out.view(np.uint32), dtype=np.uint32)
-        return out
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.bits.nbytes)
-
-    def __len__(self) -> int:
-        return int(self.bits.shape[0])
-
-    def __getitem__(self, index) -> np.ndarray:
-        rows = self.bits[index]
-        return self.decode(rows.reshape(-1, self.shape[1])).reshape(*rows.shape)
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -19,11 +19,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from decapflow import events
-from decapflow.corpus import CorpusStats, Sentence, batched, detect_format, read_sentences
+from decapflow.bank import events
+from decapflow.bank.corpus import CorpusStats, Sentence, batched, detect_format, read_sentences
+from decapflow.bank.memory import MemoryBank, Registry, check_name
+from decapflow.bank.textcheck import check_text
 from decapflow.encoders import DEFAULT_ENCODER, Encoder, load_encoder
-from decapflow.memory import MemoryBank, Registry, check_name
-from decapflow.textcheck import check_text
 
 DEFAULT_CHUNK = 4096
 
@@ -90,7 +90,7 @@ def encoder_for(memory: str, encoder: str | None, store: str | None) -> str:
     return encoder or (registry.open(memory).encoder if registry.exists(memory) else DEFAULT_ENCODER)
 
 
-def open_bank(memory: str, encoder: str | None, store: str | None, device: str | None = None
+def open_with_encoder(memory: str, encoder: str | None, store: str | None, device: str | None = None
               ) -> tuple[MemoryBank, Encoder]:
     """Open (or create) bank ``memory`` and load its encoder. An existing bank's own encoder is the default;
     naming another one is an error rather than a silently mixed bank."""
@@ -158,7 +158,7 @@ def run_ingest(
     """Ingest ``path`` into bank ``memory``. ``embed``/``write`` may be replaced by orchestrated versions of
     :func:`embed_chunk` / :func:`write_chunk` (same signatures). With ``workers`` (a local Dask cluster) or
     ``cluster`` (a Dask scheduler address), or a ready ``remote`` embedder, chunks are embedded elsewhere and
-    still written in order (:mod:`decapflow.dask_embed`)."""
+    still written in order (:mod:`decapflow.bank.dask_embed`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"corpus {str(path)!r} does not exist")
@@ -168,7 +168,7 @@ def run_ingest(
     if fmt is None:
         detect_format(path)  # so is a file of unknown format
     if remote is None and (workers or cluster):
-        from decapflow.dask_embed import DaskEmbedder
+        from decapflow.bank.dask_embed import DaskEmbedder
 
         with DaskEmbedder(encoder_for(name, encoder, store), device, address=cluster, workers=workers, batch_size=batch_size) as dask:
             report = run_ingest(path, memory, encoder, store, chunk_size=chunk_size, batch_size=batch_size, fmt=fmt,
@@ -176,7 +176,7 @@ def run_ingest(
         report.seconds = time.perf_counter() - start  # with the cluster's start-up and close, like the local path
         return report
     if remote is None:
-        bank, enc = open_bank(name, encoder, store, device)
+        bank, enc = open_with_encoder(name, encoder, store, device)
 
         def embedded(chunks: Iterator[list[Sentence]]) -> Iterator[tuple[list[Sentence], tuple[np.ndarray, int]]]:
             return ((chunk, embed(enc, chunk, batch_size)) for chunk in chunks)
@@ -185,7 +185,7 @@ def run_ingest(
         bank.check_encoder(encoder or bank.encoder)
 
         def embedded(chunks: Iterator[list[Sentence]]) -> Iterator[tuple[list[Sentence], tuple[np.ndarray, int]]]:
-            from decapflow.dask_embed import ordered
+            from decapflow.bank.dask_embed import ordered
 
             return ordered(chunks, lambda chunk: remote.submit([s.text for s in chunk]), remote.window)
     report = IngestReport(bank=name, encoder=bank.encoder, source=path.name)

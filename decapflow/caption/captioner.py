@@ -14,12 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from decapflow import modality, projection
+from decapflow.bank.memory import BankError, MemoryBank, Registry
+from decapflow.bank.rows import BF16Rows
+from decapflow.caption import modality, projection
 from decapflow.decoder.checkpoint import NoDecoder, current_decoder, find_decoder, load_decoder
 from decapflow.decoder.model import DeCapDecoder
 from decapflow.decoder.vocab import Vocab
 from decapflow.encoders import Encoder, load_encoder
-from decapflow.memory import BankError, MemoryBank, Registry
 
 #: Banks at least this large use the LanceDB ANN index for ``topk`` (built on first use; ``decapflow memory index``
 #: builds it ahead); smaller ones take their exact top-k from the local vector copy, which is fast enough and exact.
@@ -76,7 +77,7 @@ class Captioner:
         self.decoder_path: Path | None = None  # where the decoder came from, when loaded from a folder
         #: Bank rows this captioner sees (None: all of them); set by :meth:`restricted`.
         self.row_ids: np.ndarray | None = None
-        #: The domain's mean image embedding, for ``ms`` and ``rerank`` (:mod:`decapflow.modality`); for_bank loads
+        #: The domain's mean image embedding, for ``ms`` and ``rerank`` (:mod:`decapflow.caption.modality`); for_bank loads
         #: the bank's recorded one.
         self.image_mean: modality.ImageMean | None = None
         self._text_mean: np.ndarray | None = None
@@ -118,8 +119,8 @@ class Captioner:
         if np.unique(ids).size != ids.size:
             raise ValueError("row_ids must not repeat a row")
         other = copy.copy(self)
-        if isinstance(self.vectors, projection.BF16Rows):
-            other.vectors = projection.BF16Rows(np.ascontiguousarray(self.vectors.bits[ids]))
+        if isinstance(self.vectors, BF16Rows):
+            other.vectors = BF16Rows(np.ascontiguousarray(self.vectors.bits[ids]))
         else:
             other.vectors = np.ascontiguousarray(self.vectors[ids], dtype=np.float32)
         other.texts = self.texts.take(ids)
@@ -260,10 +261,10 @@ def caption_paths(captioner: Captioner, paths: Sequence[Path], progress: bool = 
                   ) -> tuple[list[Caption], list[Any]]:
     """Caption image and video files in batches; unreadable ones are skipped and returned as failures.
 
-    A video (:func:`decapflow.video.is_video`) is captioned from the re-normalised mean CLIP embedding of
-    ``frames`` frames sampled uniformly over it (default :data:`decapflow.video.DEFAULT_FRAMES`)."""
-    from decapflow.images import ImageFailure
-    from decapflow.video import DEFAULT_FRAMES, embed_media, load_media
+    A video (:func:`decapflow.caption.video.is_video`) is captioned from the re-normalised mean CLIP embedding of
+    ``frames`` frames sampled uniformly over it (default :data:`decapflow.caption.video.DEFAULT_FRAMES`)."""
+    from decapflow.caption.images import ImageFailure
+    from decapflow.caption.video import DEFAULT_FRAMES, embed_media, load_media
 
     captions: list[Caption] = []
     failures: list[ImageFailure] = []
@@ -289,3 +290,28 @@ def caption_paths(captioner: Captioner, paths: Sequence[Path], progress: bool = 
     if bar is not None:
         bar.close()
     return captions, failures
+
+
+def caption_images(inputs: Sequence[str | Path], memory: str, strategy: str = "pd", *, decoder: str | None = None,
+                   store: str | None = None, device: str | None = None, frames: int | None = None,
+                   errors: str = "raise") -> list[Caption]:
+    """Caption image and video files against bank ``memory`` with ``strategy`` (see
+    :data:`decapflow.caption.projection.STRATEGIES`) and the bank's current decoder (or ``decoder``: an id or a
+    checkpoint folder). ``inputs``: files, folders (searched recursively) or glob patterns. One
+    :class:`Caption` per readable file, in input order. ``errors``: ``"raise"`` (a ValueError naming every
+    unreadable file, after the others were captioned) or ``"skip"`` (leave them out). For many calls, build one
+    :class:`Captioner` with :meth:`Captioner.for_bank` and use :func:`caption_paths`: this loads the bank copy,
+    the encoder and the decoder each time."""
+    from decapflow.caption.images import collect_paths
+    from decapflow.caption.video import MEDIA_SUFFIXES
+
+    if errors not in ("raise", "skip"):
+        raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
+    paths = collect_paths(inputs, MEDIA_SUFFIXES)
+    captioner = Captioner.for_bank(memory, Options(strategy=strategy), decoder=decoder, store=store, device=device)
+    captions, failures = caption_paths(captioner, paths, frames=frames)
+    if failures and errors == "raise":
+        listed = "; ".join(f"{f.path}: {f.reason}" for f in failures[:5])
+        more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
+        raise ValueError(f"{len(failures)} of {len(paths)} files could not be read: {listed}{more}")
+    return captions

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from decapflow.captioner import Caption, Captioner
-from decapflow.evaluate import load_coco_references, score_captions
-from decapflow.images import ImageFailure
-from decapflow.video import embed_media, load_media
+from decapflow.caption.captioner import Caption, Captioner
+from decapflow.caption.images import ImageFailure
+from decapflow.caption.video import embed_media, load_media
+from decapflow.evaluation.evaluate import load_coco_references, score_captions
 
 
 @dataclass
@@ -52,7 +52,7 @@ def embed_annotated_images(captioner: Captioner, annotations: Path, images_dir: 
         path = Path(images_dir) / name
         if not path.is_file():
             path = Path(images_dir) / Path(name).name
-        image = load_media(path, captioner.encoder)  # a video: its mean frame embedding (decapflow.video)
+        image = load_media(path, captioner.encoder)  # a video: its mean frame embedding (decapflow.caption.video)
         if isinstance(image, ImageFailure):
             failures.append(image)
             continue

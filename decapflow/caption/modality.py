@@ -3,7 +3,7 @@
 CLIP's image and text embeddings lie in two cones: the mean unit image embedding ``mu_img`` and the mean unit text
 embedding ``mu_txt`` are ~0.8 apart in real CLIP, while matched pairs still rank first. DeCap's projection (``pd``)
 crosses the gap by rebuilding the image from bank sentences, which also snaps it onto combinations the bank holds.
-Two more strategies build on this module (``decapflow.captioner``):
+Two more strategies build on this module (``decapflow.caption.captioner``):
 
 ``ms``      mean-shift ("Mind the Gap", C3): the prefix is ``normalize(v - mu_img + mu_txt)``: the image moved by
             the mean offset between the two cones. It keeps compositions no bank sentence holds, but the residual
@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from decapflow.bank.store import Store, get_store
 from decapflow.errors import BankError
-from decapflow.store import Store, get_store
 
 #: ``rerank``'s blends of the ``pd`` prefix with the ``ms`` prefix: normalize((1 - a) * pd + a * ms).
 BLENDS = (0.25, 0.5, 0.75)

@@ -29,12 +29,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from decapflow.bank.rows import BF16Rows, vector_rows
+from decapflow.bank.store import Store, get_store
 from decapflow.config import cache_dir
 from decapflow.errors import BankError, UnknownBank
-from decapflow.projection import BF16Rows
-from decapflow.store import Store, get_store
 
-__all__ = ["BankError", "MemoryBank", "Registry", "SearchHit", "UnknownBank", "bank_schema", "check_name"]
+__all__ = ["BankError", "MemoryBank", "Registry", "SearchHit", "UnknownBank", "bank_schema", "check_name", "open_bank"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # names starting with '_' are the store's own tables
 META_ENCODER = b"decapflow.encoder"
@@ -43,13 +43,6 @@ META_ID = b"decapflow.bank_id"
 META_CREATED = b"decapflow.created"
 PRECISIONS = ("float32", "bfloat16")  # of a bank's local vector copy
 CACHE_BATCH_ROWS = 65_536  # rows per batch when streaming a bank into its local copy (128 MiB at 512-d)
-
-
-def vector_rows(column: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray:
-    """A fixed-size-list vector column as a float32 [n, dim] array."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
 
 
 def check_name(name: str) -> str:
@@ -422,14 +415,16 @@ class Registry:
         """Open ``name`` (checking it was built with ``encoder``) or create it empty."""
         return self.create(name, encoder, dim, exist_ok=True)
 
-    def delete(self, name: str) -> dict[str, int]:
-        """Delete bank ``name`` with all its versions, its decoders, its evaluation sets and its mean image embedding
-        (a bank created later under the same name starts clean). Returns how many of each went."""
-        from decapflow.decoder.registry import decoders
-        from decapflow.gate import drop_eval_sets
-        from decapflow.modality import drop_image_mean
-
+    def drop(self, name: str) -> int:
+        """Drop bank ``name``'s table with all its versions; returns how many rows it held. Only the rows: the
+        decoders, evaluation sets and image mean that belong to it live in higher layers, so deleting a bank as a
+        user means it is :func:`decapflow.lifecycle.deletion.delete_bank`."""
         rows = len(self.open(name))  # raises a clear error when it does not exist
         self.db.drop_table(name)
-        return {"rows": rows, "decoders": decoders(self.store).drop_bank(name),
-                "eval_sets": drop_eval_sets(name, self.store), "image_mean": int(drop_image_mean(name, self.store))}
+        return rows
+
+
+def open_bank(name: str, store: Store | str | None = None) -> MemoryBank:
+    """Bank ``name`` of ``store`` (default: ``$DECAPFLOW_STORE``, else ``<DECAPFLOW_HOME>/banks``) at its newest
+    version; :meth:`MemoryBank.at` pins another. Raises :class:`UnknownBank`, naming the banks there are."""
+    return Registry(store).open(name)

@@ -6,9 +6,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from decapflow.captioner import Caption
-from decapflow.evaluate import coco_results
-from decapflow.images import trailing_int
+from decapflow.caption.captioner import Caption
+from decapflow.caption.images import trailing_int
+from decapflow.evaluation.evaluate import coco_results
 
 FORMATS = ("text", "jsonl", "coco")
 

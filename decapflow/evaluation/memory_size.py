@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from decapflow.captioner import Captioner
-from decapflow.evaluate import score_many
+from decapflow.caption.captioner import Captioner
+from decapflow.evaluation.evaluate import score_many
 
 ALL = "all"
 Size = int | str  # a row count, or ALL
@@ -131,9 +131,9 @@ def run_study(captioner: Captioner, references: Mapping[Any, list[str]], image_i
               full_bank: Mapping[str, tuple[Mapping[Any, str], float]] | None = None) -> MemorySizeStudy:
     """Caption ``vectors`` (unit CLIP image embeddings of ``image_ids``, in order) against nested seeded subsets
     of ``captioner``'s bank, per size and strategy, and score them (``metrics`` as in
-    :func:`decapflow.evaluate.score_captions`; ``extra_scores(captions)`` adds columns, e.g. attribute accuracy).
+    :func:`decapflow.evaluation.evaluate.score_captions`; ``extra_scores(captions)`` adds columns, e.g. attribute accuracy).
     ``full_bank``: ``{strategy: ({image_id: caption}, seconds)}`` already decoded with this captioner and these
-    embeddings over the whole bank (e.g. by :func:`decapflow.experiment.run_strategies`): reused for ``all``."""
+    embeddings over the whole bank (e.g. by :func:`decapflow.evaluation.experiment.run_strategies`): reused for ``all``."""
     bank_rows = len(captioner.vectors)
     plans, notes = plan_sizes(sizes, bank_rows)
     order = subset_order(bank_rows, seed)
@@ -174,7 +174,7 @@ def study_annotated_images(captioner: Captioner, annotations: Path, images_dir: 
                            split: str | None = None, limit: int | None = None) -> tuple[MemorySizeStudy, list[Any]]:
     """Embed an annotated image set once (as ``decapflow eval`` does) and :func:`run_study` on it; also returns
     the images that could not be read."""
-    from decapflow.experiment import embed_annotated_images
+    from decapflow.evaluation.experiment import embed_annotated_images
 
     references, ids, vectors, failures = embed_annotated_images(captioner, annotations, images_dir, split, limit)
     study = run_study(captioner, references, ids, vectors, sizes, seed, strategies, metrics)

@@ -14,7 +14,7 @@ import re
 import zlib
 from pathlib import Path
 
-from decapflow.corpus import _UTF8_BOM, CorpusError, _open_bytes, detect_format
+from decapflow.bank.corpus import _UTF8_BOM, CorpusError, _open_bytes, detect_format
 
 __all__ = ["CorpusError", "check_text"]
 

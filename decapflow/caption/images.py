@@ -29,7 +29,7 @@ class ImageFailure:
 def collect_paths(inputs: Iterable[str | Path], suffixes: Collection[str] = IMAGE_SUFFIXES) -> list[Path]:
     """Image files named by ``inputs``: files as given, folders (recursively, files with ``suffixes`` only,
     sorted) and glob patterns. Raises FileNotFoundError for an input that names nothing. (Images and videos:
-    ``suffixes=decapflow.video.MEDIA_SUFFIXES``.)"""
+    ``suffixes=decapflow.caption.video.MEDIA_SUFFIXES``.)"""
     paths: list[Path] = []
     for item in inputs:
         path = Path(item)

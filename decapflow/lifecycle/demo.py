@@ -48,7 +48,7 @@ class DemoSettings:
     threads: int | None = None
     novel: bool = False  # bank without the test scenes' attribute combinations (generalisation, not recall)
     encoder: str = ENCODERS[0]  # one of ENCODERS; also the bank's name (bank "world" for encoder "world")
-    #: The memory-size study (decapflow.memory_size): bank subsets of these sizes, with these strategies (no sizes:
+    #: The memory-size study (decapflow.evaluation.memory_size): bank subsets of these sizes, with these strategies (no sizes:
     #: no study). Seed 0, nested subsets; ``all`` reuses the strategy table's captions, so it costs 6 decodes of the
     #: test images plus one scoring pass: 126-133 s measured on 2 busy cores (load ~5), 0.7-1.0x the caption step.
     memory_sizes: tuple[int | str, ...] = (100, 1000, 5000, "all")
@@ -63,7 +63,7 @@ class DemoResult:
     timings: dict[str, float] = field(default_factory=dict)
     decoder: str = ""
     report: Path | None = None
-    memory_size: Any = None  # a decapflow.memory_size.MemorySizeStudy, when the study ran
+    memory_size: Any = None  # a decapflow.evaluation.memory_size.MemorySizeStudy, when the study ran
     memory_plot: Path | None = None
 
     def failed_floors(self) -> list[str]:
@@ -96,10 +96,10 @@ def novel_corpus(path: Path, test_folder: Path) -> Path:
 
 def _decoder_for(bank: str, settings: DemoSettings, log: Callable[[str], None]) -> str:
     """The bank's current decoder when it fits this bank version and recipe, else a freshly trained one."""
+    from decapflow.bank.memory import Registry
     from decapflow.decoder.checkpoint import current_meta
     from decapflow.decoder.train import TrainRecipe
-    from decapflow.memory import Registry
-    from decapflow.training import train_from_bank
+    from decapflow.lifecycle.training import train_from_bank
 
     recipe = TrainRecipe(epochs=settings.epochs, max_steps=settings.max_steps, num_threads=settings.threads,
                          **({"lr": settings.lr} if settings.lr else {}))
@@ -117,10 +117,10 @@ def _decoder_for(bank: str, settings: DemoSettings, log: Callable[[str], None]) 
 
 def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> DemoResult:
     from corpora.world import TEST_SEED, load_scenes, write_image_set
-    from decapflow.captioner import Captioner, Options
-    from decapflow.evaluate import write_report
-    from decapflow.experiment import run_strategies, speeds, summary_rows
-    from decapflow.ingest import run_ingest
+    from decapflow.bank.ingest import run_ingest
+    from decapflow.caption.captioner import Captioner, Options
+    from decapflow.evaluation.evaluate import write_report
+    from decapflow.evaluation.experiment import run_strategies, speeds, summary_rows
 
     if settings.encoder not in ENCODERS:
         raise ValueError(f"the demo's encoder is one of {', '.join(ENCODERS)}, not {settings.encoder!r}")
@@ -155,7 +155,7 @@ def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> Demo
     name = "report-novel" if settings.novel else "report"
     study = plot = None
     if settings.memory_sizes:
-        from decapflow.memory_size import run_study, write_study
+        from decapflow.evaluation.memory_size import run_study, write_study
 
         log(f"memory-size study: {', '.join(map(str, settings.memory_sizes))} rows with "
             f"{', '.join(settings.memory_strategies)}...")
@@ -175,7 +175,7 @@ def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> Demo
              "attribute columns": "attr-*: F1 of the colours/shapes/counts/sizes/whole objects named (x100)"}
     _, md_path = write_report(table, home() / "demo", extra, name=name)
     if study is not None:
-        from decapflow.memory_size import markdown
+        from decapflow.evaluation.memory_size import markdown
 
         with md_path.open("a", encoding="utf-8") as report_md:
             report_md.write(f"\n## Memory size\n\nThe same images against random subsets of the bank (nested, "
@@ -188,7 +188,7 @@ def record_image_mean(captioner: Any, log: Callable[[str], None] = print) -> Any
     """Record the mean embedding of UNLABELLED_IMAGES world images (no captions; not the test images) for the
     captioner's bank, as ``decapflow memory image-mean`` would, and return it."""
     from corpora.world import UNLABELLED_SEED, make_split, render
-    from decapflow.modality import record_image_mean
+    from decapflow.caption.modality import record_image_mean
 
     scenes = [scene for scene, _ in make_split(UNLABELLED_IMAGES, UNLABELLED_SEED, n_captions=1)]
     mean, gap = record_image_mean(captioner.bank, captioner.encoder, [render(scene) for scene in scenes],

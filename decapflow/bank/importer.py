@@ -7,7 +7,7 @@ Two layouts are read, streamed in chunks:
 * **clip-retrieval**'s output folder: ``text_emb/text_emb_<i>.npy`` (float16/float32 [n, d]) beside
   ``metadata/metadata_<i>.parquet`` (a ``caption`` column, same row order), shard by shard.
 
-Texts are cleaned and deduplicated by content hash exactly like :mod:`decapflow.ingest` (so importing and ingesting
+Texts are cleaned and deduplicated by content hash exactly like :mod:`decapflow.bank.ingest` (so importing and ingesting
 the same sentences stores each once), vectors are checked against the bank's dimension and stored as float32 unit
 vectors (rows that are not unit length are re-normalised and counted; zero or non-finite rows are refused and
 counted). Writes go through :meth:`MemoryBank.add`: one commit per chunk, under the bank's lock, idempotent.
@@ -28,10 +28,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from decapflow import events
-from decapflow.corpus import clean_text, content_hash
+from decapflow.bank import events
+from decapflow.bank.corpus import clean_text, content_hash
+from decapflow.bank.memory import MemoryBank, Registry, check_name
 from decapflow.errors import BankError
-from decapflow.memory import MemoryBank, Registry, check_name
 
 TEXT_FIELDS = ("caption", "text")
 VECTOR_FIELDS = ("vector", "embedding")

@@ -2,7 +2,7 @@
 challenger, decide (gated or by hand), and prune old decoders. What ``decapflow train`` and the Prefect flows run.
 
 The arrays-in, checkpoint-out training loop is :func:`decapflow.decoder.train.train_decoder`; the promotion rule is
-:func:`decapflow.gate.decide`.
+:func:`decapflow.lifecycle.gate.decide`.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from decapflow.bank.memory import Registry
 from decapflow.config import default_device, home
 from decapflow.decoder.checkpoint import register
 from decapflow.decoder.distributed import Dist
 from decapflow.decoder.model import DecoderConfig
 from decapflow.decoder.registry import decoders
 from decapflow.decoder.train import TrainRecipe, TrainResult, train_decoder
-from decapflow.gate import decide, held_out_texts, text_eval_set
-from decapflow.memory import Registry
+from decapflow.lifecycle.gate import decide, held_out_texts, text_eval_set
 
 __all__ = ["runs_dir", "train_bank", "train_from_bank"]
 
@@ -76,7 +76,7 @@ def train_bank(bank: str, config: str = "decap-small", recipe: dict[str, Any] | 
                store: str | None = None, resume: bool = False, progress: bool = True, *, gate: bool = False,
                metric: str = "auto", margin: float = 0.0, version: int | None = None,
                keep_rejected: int = 5) -> dict[str, Any]:
-    """:func:`train_from_bank` then :func:`~decapflow.gate.decide`, with plain data in and out (what the CLI
+    """:func:`train_from_bank` then :func:`~decapflow.lifecycle.gate.decide`, with plain data in and out (what the CLI
     and the Prefect tasks pass around). ``gate``: promote only a challenger that beats the current decoder by
     ``margin`` on ``metric``; otherwise promote it (by hand) but still score and record it. Old rejected
     decoders beyond ``keep_rejected`` are deleted. Returns the decoder id, decision, training summary, seconds."""
