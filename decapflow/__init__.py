@@ -42,7 +42,7 @@ _API = {
     "Options": ("decapflow.caption.captioner", "Options"),
     "STRATEGIES": ("decapflow.caption.projection", "STRATEGIES"),
 }
-__all__ = [  # written out so linters see it; test_api checks it equals _API's names
+__all__ = [  # written out so linters see it; tests/test_layout.py checks it lists _API
     "STRATEGIES", "Caption", "Captioner", "IngestReport", "MemoryBank", "Options", "Registry", "__version__",
     "caption_images", "delete_bank", "ingest", "open_bank", "train_bank",
 ]

@@ -416,9 +416,9 @@ class Registry:
         return self.create(name, encoder, dim, exist_ok=True)
 
     def drop(self, name: str) -> int:
-        """Drop bank ``name``'s table with all its versions; returns how many rows it held. Only the rows: the
-        decoders, evaluation sets and image mean that belong to it live in higher layers, so deleting a bank as a
-        user means it is :func:`decapflow.lifecycle.deletion.delete_bank`."""
+        """Drop bank ``name``'s table with all its versions; returns how many rows it held. Only the rows: its
+        decoders, evaluation sets and image mean belong to higher layers, and
+        :func:`decapflow.lifecycle.deletion.delete_bank` deletes the bank with all of them."""
         rows = len(self.open(name))  # raises a clear error when it does not exist
         self.db.drop_table(name)
         return rows
