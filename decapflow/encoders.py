@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from decapflow import cpu
 from decapflow.config import default_device
 from decapflow.errors import EncoderUnavailable  # noqa: F401  (raised here; importable from here)
 
@@ -173,13 +174,15 @@ class Encoder:
         out = np.empty((len(ids), self.dim), dtype=np.float32)
         lengths = np.array([len(row) for row in ids])
         order = np.argsort(-lengths, kind="stable") if self._trimmable else np.arange(len(ids))
-        for start in range(0, len(ids), batch_size):
-            rows = order[start : start + batch_size]
-            width = int(lengths[rows].max()) if self._trimmable else self.context_length
-            tokens = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, r in enumerate(rows):
-                tokens[i, : lengths[r]] = torch.tensor(ids[r])
-            out[rows] = self._embed_text_batch(tokens.to(self.device))
+        with cpu.claim():
+            for start in range(0, len(ids), batch_size):
+                cpu.tick()
+                rows = order[start : start + batch_size]
+                width = int(lengths[rows].max()) if self._trimmable else self.context_length
+                tokens = torch.zeros((len(rows), width), dtype=torch.long)
+                for i, r in enumerate(rows):
+                    tokens[i, : lengths[r]] = torch.tensor(ids[r])
+                out[rows] = self._embed_text_batch(tokens.to(self.device))
         return out
 
     def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
@@ -216,12 +219,14 @@ class Encoder:
     def encode_image(self, images: Sequence, batch_size: int = 64) -> np.ndarray:
         """[n] PIL images (or already preprocessed [3,H,W] tensors) -> [n, dim] float32 unit vectors."""
         out = np.empty((len(images), self.dim), dtype=np.float32)
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            pixels = torch.stack([im if isinstance(im, torch.Tensor) else self.preprocess(im) for im in chunk])
-            with self._autocast():
-                x = self.model.encode_image(pixels.to(self.device))
-            out[start : start + len(chunk)] = F.normalize(x.float(), dim=-1).cpu().numpy()
+        with cpu.claim():
+            for start in range(0, len(images), batch_size):
+                cpu.tick()
+                chunk = images[start : start + batch_size]
+                pixels = torch.stack([im if isinstance(im, torch.Tensor) else self.preprocess(im) for im in chunk])
+                with self._autocast():
+                    x = self.model.encode_image(pixels.to(self.device))
+                out[start : start + len(chunk)] = F.normalize(x.float(), dim=-1).cpu().numpy()
         return out
 
     def _autocast(self) -> contextlib.AbstractContextManager:

@@ -21,7 +21,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")  # 25-30 s on a busy 2-core box
 
 # Small models, and a 2-core machine where a second thread mostly spins: one thread is faster and repeatable.
+# DECAPFLOW_THREADS reaches the subprocesses too (tests of the fair share remove it); the CPU claims of the suite
+# live in their own folder, apart from any decapflow job running on the machine (decapflow.cpu).
 torch.set_num_threads(1)
+os.environ["DECAPFLOW_THREADS"] = "1"
+os.environ["DECAPFLOW_CPU_DIR"] = tempfile.mkdtemp(prefix="decapflow-cpus-")
 
 _LOCAL = ("127.0.0.1", "::1", "localhost")
 _connect = socket.socket.connect
@@ -153,8 +157,11 @@ def serve_app():
                 raise RuntimeError("the test server did not start")
             time.sleep(0.02)
         servers.append((server, thread))
-        return f"http://127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{port}"
+        start.apps[url] = config.app  # type: ignore[attr-defined]
+        return url
 
+    start.apps = {}  # type: ignore[attr-defined]  # url -> its FastAPI app, for tests that look inside
     yield start
     for server, thread in servers:
         server.should_exit = True

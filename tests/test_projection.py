@@ -10,14 +10,13 @@ from decapflow.bank.rows import BF16Rows
 from decapflow.caption.projection import (
     STRATEGIES,
     Projection,
-    _blas_threads,
-    _openblas_thread_api,
     gather_neighbors,
     identity,
     nearest,
     project,
     project_subset,
 )
+from decapflow.cpu import blas_threads
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -156,15 +155,21 @@ def test_bad_inputs_raise_clear_errors(queries, bank):
 
 
 def test_blas_threads_follow_torch_and_are_restored():
-    api = _openblas_thread_api()
-    if api is None:
-        pytest.skip("numpy's BLAS is not a bundled OpenBLAS here")
-    before, torch_threads = api.get(), torch.get_num_threads()
+    from threadpoolctl import threadpool_info
+
+    def blas() -> list[int]:
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    assert blas(), "numpy's BLAS is seen by threadpoolctl"
+    before, torch_threads = blas(), torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with _blas_threads():
-            assert api.get() == 1
-        assert api.get() == before
+        with blas_threads():
+            assert set(blas()) == {1}
+            with blas_threads(2):
+                assert set(blas()) == {2}
+            assert set(blas()) == {1}
+        assert blas() == before
     finally:
         torch.set_num_threads(torch_threads)
 

@@ -27,16 +27,15 @@ __all__ = ["DaskEmbedder", "embed_texts", "encoder_info", "ordered"]
 
 def embed_texts(spec: str, device: str | None, texts: list[str], batch_size: int = 256,
                 threads: int | None = 1) -> tuple[np.ndarray, int]:
-    """On a worker: [n] texts -> ([n, dim] unit float32 vectors, how many were cut to the context length)."""
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    """On a worker: [n] texts -> ([n, dim] unit float32 vectors, how many were cut to the context length).
+    ``threads``: the worker's CPU threads (one per single-threaded Dask worker), None for a fair share."""
+    from decapflow import cpu
     from decapflow.encoders import load_encoder
 
-    encoder = load_encoder(spec, device)
-    ids, truncated = encoder.tokenize(texts)
-    return encoder.encode_tokens(ids, batch_size), truncated
+    with cpu.claim(threads):  # counted by the other decapflow jobs on this machine
+        encoder = load_encoder(spec, device)
+        ids, truncated = encoder.tokenize(texts)
+        return encoder.encode_tokens(ids, batch_size), truncated
 
 
 def encoder_info(spec: str, device: str | None) -> tuple[str, int]:

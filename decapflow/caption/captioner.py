@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from decapflow import cpu
 from decapflow.bank.memory import BankError, MemoryBank, Registry
 from decapflow.bank.rows import BF16Rows
 from decapflow.caption import modality, projection
@@ -156,10 +157,15 @@ class Captioner:
     # ------------------------------------------------------------------ the pipeline
     def caption(self, images: Sequence) -> list[Caption]:
         """PIL images (or preprocessed tensors) -> captions, in order."""
-        return self.caption_embeddings(self.encoder.encode_image(images, self.options.batch_size))
+        with cpu.claim():  # one share of the machine's CPUs for the whole call (decapflow.cpu)
+            return self.caption_embeddings(self.encoder.encode_image(images, self.options.batch_size))
 
     def caption_embeddings(self, image_vectors: np.ndarray) -> list[Caption]:
         """Unit CLIP image embeddings [B, D] -> captions (everything after the image encoder)."""
+        with cpu.claim():
+            return self._caption_embeddings(image_vectors)
+
+    def _caption_embeddings(self, image_vectors: np.ndarray) -> list[Caption]:
         o = self.options
         if o.strategy == "clipre":
             ids, sims = projection.nearest(image_vectors, self.vectors, k=o.n_support)

@@ -33,23 +33,20 @@ from the float32 bank only by the rounding of the stored rows (cosine of the pro
 ``benchmarks/big_bank.py``). numpy rather than torch because, measured on the dev machine (AMD EPYC, torch's
 MKL), the same algorithm with numpy's OpenBLAS runs the one-query case ~1.5x faster and the 64-query case
 about as fast (``benchmarks/projection.py --torch-chunked``). The BLAS thread count follows torch's setting
-(``torch.set_num_threads``) for the duration of each call, when numpy's bundled OpenBLAS lets us set it;
+(``torch.set_num_threads``, which :mod:`decapflow.cpu` sizes) for the duration of each call (threadpoolctl);
 no thread pool of our own is started. Inputs may be numpy arrays, memmaps or torch tensors (moved to CPU);
 outputs are numpy (``torch.from_numpy`` on them is free).
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from decapflow.bank.rows import BF16Rows
+from decapflow.cpu import blas_threads
 
 STRATEGIES: tuple[str, ...] = ("pd", "topk", "nnd", "vd", "clipre", "ms", "rerank")
 
@@ -72,51 +69,6 @@ class Projection:
     vectors: np.ndarray
     support_ids: np.ndarray
     support_weights: np.ndarray
-
-
-# ------------------------------------------------------------------------------------------- threads
-
-
-@dataclass(frozen=True)
-class _ThreadApi:
-    get: Callable[[], int]
-    set: Callable[[int], None]
-
-
-@functools.lru_cache(maxsize=1)
-def _openblas_thread_api() -> _ThreadApi | None:
-    """get/set of the thread count of the OpenBLAS inside numpy's wheel, or None when it cannot be found
-    (then BLAS threads follow OPENBLAS_NUM_THREADS / OMP_NUM_THREADS as usual). Same trick as threadpoolctl."""
-    here = Path(np.__file__).parent
-    for path in [*here.parent.glob("numpy.libs/*openblas*"), *here.glob(".dylibs/*openblas*")]:
-        try:
-            lib = ctypes.CDLL(str(path))  # already loaded by numpy: this returns the same handle
-        except OSError:
-            continue
-        for base, suffix in (("scipy_openblas", "64_"), ("openblas", "64_"), ("scipy_openblas", ""), ("openblas", "")):
-            getter = getattr(lib, f"{base}_get_num_threads{suffix}", None)
-            setter = getattr(lib, f"{base}_set_num_threads{suffix}", None)
-            if getter is not None and setter is not None:
-                getter.restype = ctypes.c_int
-                setter.argtypes = [ctypes.c_int]
-                return _ThreadApi(get=getter, set=setter)
-    return None
-
-
-@contextmanager
-def _blas_threads() -> Iterator[None]:
-    """Run BLAS with ``torch.get_num_threads()`` threads inside the block, then restore the old count."""
-    import torch
-
-    api, want = _openblas_thread_api(), torch.get_num_threads()
-    old = api.get() if api is not None else want
-    if old != want:
-        api.set(want)
-    try:
-        yield
-    finally:
-        if old != want:
-            api.set(old)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -236,7 +188,7 @@ def project(V, M, tau: float = 0.01, chunk_rows: int | None = None, n_support: i
     running_sum = np.zeros((batch, 1), dtype=np.float32)  # [B, 1]  l = sum exp(s - m)
     acc = np.zeros((batch, dim), dtype=np.float32)  # [B, D]  sum exp(s - m) * row
     top = _TopK(batch, max(1, n_support))
-    with _blas_threads():
+    with blas_threads():
         for start, chunk in _chunks(bank, _chunk_rows(chunk_rows, dim)):
             logits = _scores(q_scaled, chunk)  # [B, c]
             chunk_max = logits.max(axis=1, keepdims=True)  # [B, 1]
@@ -298,7 +250,7 @@ def project_subset(V, neighbors, tau: float = 0.01, neighbor_ids=None, n_support
     valid = ids >= 0  # [B, k]
     if not valid.any(axis=1).all():
         raise ValueError("some query has no neighbours (all its ids are negative)")
-    with _blas_threads():
+    with blas_threads():
         logits = np.matmul(vecs, q[:, :, None])[:, :, 0] / np.float32(tau)  # [B, k]
         logits[~valid] = -np.inf
         weights = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -320,7 +272,7 @@ def nearest(V, M, k: int = 1, chunk_rows: int | None = None) -> tuple[np.ndarray
     q = _queries(V)
     bank = _bank(M, q.shape[1])
     top = _TopK(q.shape[0], min(k, bank.shape[0]))
-    with _blas_threads():
+    with blas_threads():
         for start, chunk in _chunks(bank, _chunk_rows(chunk_rows, q.shape[1])):
             sims = _scores(q, chunk)  # [B, c]
             top.update(sims, start, sims.max(axis=1))

@@ -47,6 +47,9 @@ store_option = click.option(
     help="The store holding the banks and their decoders: a path or an object-store URI such as s3://bucket/prefix "
          "(credentials from the usual AWS_*/GOOGLE_* variables; default: $DECAPFLOW_HOME/banks).",
 )
+THREADS_HELP = ("CPU threads (torch and BLAS). Default: $DECAPFLOW_THREADS, else a fair share of the CPUs this "
+                "process may use (affinity and cgroup quota), split with the other decapflow jobs running on the "
+                "machine and re-read as they start and end.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
 

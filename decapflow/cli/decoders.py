@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from decapflow.cli.banks import run_maybe_in_prefect
-from decapflow.cli.base import Group, echo_json, json_option, main, store_option
+from decapflow.cli.base import THREADS_HELP, Group, echo_json, json_option, main, store_option
 
 GATE_METRICS = ("text.cider", "text.bleu4", "text.exact", "images.cider")  # decapflow.lifecycle.gate.METRICS (no torch here)
 SHOWN = ("cider", "bleu4", "exact")
@@ -28,7 +28,7 @@ SHOWN = ("cider", "bleu4", "exact")
 @click.option("--noise", type=float, default=0.0, show_default=True,
               help="Std of Gaussian noise on the prefix during training (CapDec-style); 0 = off.")
 @click.option("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present; bf16 autocast on CUDA).")
-@click.option("--threads", type=int, help="CPU threads for torch (on 2 busy cores 1 can beat 2).")
+@click.option("--threads", type=click.IntRange(min=1), help=THREADS_HELP)
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same data: same decoder.")
 @click.option("--resume", is_flag=True, help="Continue the bank's latest training run from its last epoch.")
 @click.option("--gate", is_flag=True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from decapflow.cli.base import main, store_option
+from decapflow.cli.base import THREADS_HELP, main, store_option
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -18,7 +18,8 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
               help="Banks to load (with their current decoder and encoder) before /readyz says ready.")
 @click.option("--max-banks", default=4, show_default=True, type=click.IntRange(min=1), help="Banks kept loaded; the least recently used go.")
 @click.option("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present).")
-@click.option("--threads", type=int, help="torch CPU threads for captioning (default: torch's choice).")
+@click.option("--threads", type=click.IntRange(min=1), help=THREADS_HELP + " For the compute worker, which "
+              "counts as a job only while it answers.")
 @click.option("--compute", type=click.Choice(["process", "thread"]), default="process", show_default=True,
               help="Where the models run: a worker process (HTTP and captioning never share a GIL; a crashed "
                    "worker is restarted) or a thread of the server process.")

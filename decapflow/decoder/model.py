@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from decapflow import cpu
 from decapflow.decoder.vocab import CLIP_VOCAB_SIZE, END_ID, START_ID
 
 if TYPE_CHECKING:
@@ -304,9 +305,11 @@ class DeCapDecoder(nn.Module):
         if len(vocab) != self.config.vocab_size:
             raise ValueError(f"vocabulary has {len(vocab)} ids but the model {self.config.vocab_size}")
         texts: list[str] = []
-        for i in range(0, len(prefixes), batch_size):
-            ids = self.generate(prefixes[i : i + batch_size], max_len, beam, length_penalty)
-            texts.extend(vocab.decode(row) for row in ids)
+        with cpu.claim():
+            for i in range(0, len(prefixes), batch_size):
+                cpu.tick()
+                ids = self.generate(prefixes[i : i + batch_size], max_len, beam, length_penalty)
+                texts.extend(vocab.decode(row) for row in ids)
         return texts
 
 

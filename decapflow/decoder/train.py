@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+from decapflow import cpu
 from decapflow.config import cache_dir, default_device
 from decapflow.decoder.checkpoint import load_decoder, replace_dir, write_decoder_files
 from decapflow.decoder.distributed import Dist
@@ -60,7 +61,7 @@ class TrainRecipe:
     grad_clip: float = 1.0
     device: str | None = None  # None: decapflow.config.default_device()
     amp: str = "auto"  # bf16 autocast: "auto" (see use_bf16), "bf16" (always) or "off"
-    num_threads: int | None = None  # torch CPU threads during training; None: leave as is
+    num_threads: int | None = None  # CPU threads; None: $DECAPFLOW_THREADS, else a fair share (decapflow.cpu)
 
     @classmethod
     def paper(cls, **overrides: Any) -> TrainRecipe:
@@ -260,6 +261,7 @@ class _Trainer:
         for b in range(self.steps_per_epoch):
             if state.step >= self.total_steps:
                 break
+            cpu.tick()
             prefix, inputs, targets = self.data.batch(order[b * r.batch_size : (b + 1) * r.batch_size])
             if r.noise_std > 0:
                 prefix = F.normalize(prefix + r.noise_std * torch.randn(prefix.shape, generator=noise), dim=-1)
@@ -348,10 +350,7 @@ def train_decoder(
                   start_id=vocab.start_id, end_id=vocab.end_id)
     if cfg.block_size < recipe.max_tokens:
         raise ValueError(f"block_size {cfg.block_size} < max_tokens {recipe.max_tokens} (prefix + inputs)")
-    threads = torch.get_num_threads()
-    if recipe.num_threads:
-        torch.set_num_threads(recipe.num_threads)
-    try:
+    with cpu.claim(recipe.num_threads):  # a fair share of the machine's CPUs, re-read each step (tick)
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             torch.manual_seed(recipe.seed)
             meta = {**(meta or {}), "texts_key": data.key}
@@ -362,8 +361,6 @@ def train_decoder(
                 lines = "".join(json.dumps(h) + "\n" for h in trainer.state.history)
                 (out_dir / "metrics.jsonl").write_text(lines)
             trainer.run(progress, on_epoch)
-    finally:
-        torch.set_num_threads(threads)
     s = trainer.state
     return TrainResult(out_dir, out_dir / "best", out_dir / "last", s.history, s.best_epoch, s.best_val_loss,
                        s.stopped_early, s.step)
