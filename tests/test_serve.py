@@ -341,25 +341,6 @@ def test_decapflow_serve_command_runs_and_stops(home: Path, tmp_path: Path) -> N
     assert "decapflow serve on http://127.0.0.1" in text
 
 
-def test_a_dead_worker_is_replaced_and_the_server_goes_on(home: Path, serve_app) -> None:
-    import os
-    import signal
-
-    url = serve_app(compute="process", preload=["shapes"])
-    deadline = time.monotonic() + 60
-    while (ready := httpx.get(f"{url}/readyz")).status_code != 200:
-        assert time.monotonic() < deadline, ready.text
-        time.sleep(0.1)
-    pid = ready.json()["worker"]["pid"]
-    assert pid != os.getpid() and ready.json()["worker"]["loaded"][0]["bank"] == "shapes"
-    os.kill(pid, signal.SIGKILL)
-    lost = post_files(url, [("a.png", png())])
-    assert lost.status_code == 503 and lost.json()["error"]["code"] == "worker_restarted"
-    again = post_files(url, [("a.png", png())])
-    assert again.status_code == 200, again.text
-    assert httpx.get(f"{url}/readyz").json()["worker"]["pid"] not in (pid, None)
-
-
 def test_a_full_queue_answers_503_overloaded(home: Path, serve_app) -> None:
     url = serve_app(max_queue=2)
     refused = post_files(url, [(f"{i}.png", png()) for i in range(3)])

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from decapflow.caption.projection import STRATEGIES
-from decapflow.cli.base import echo_json, json_option, main, store_option
+from decapflow.cli.base import THREADS_HELP, echo_json, json_option, main, store_option
 
 
 # ---------------------------------------------------------------------------------------------- caption
@@ -78,7 +78,10 @@ def caption(images: tuple[str, ...], memory: str, strategy: str, tau: float, k: 
 
         params = {"memory": memory, "decoder": decoder_id, "strategy": strategy, "tau": tau, "k": k, "beam": beam,
                   "max_len": max_len, "frames": frames}
-        with ServeClient(server, api_key) as client:
+        def retrying(message: str, wait: float) -> None:
+            click.echo(f"{message}; retrying in {wait:g} s", err=True)
+
+        with ServeClient(server, api_key, on_retry=retrying) as client:
             captions, failures = client.caption_paths(paths, params, batch_size=min(batch_size, 16))
     else:
         from decapflow.caption.captioner import Captioner, Options, caption_paths
@@ -251,7 +254,7 @@ def _memory_size_study(base: Any, annotations: Path, images: Path, sizes: list, 
 @click.option("--max-steps", type=int, help="Cap on training steps (quick runs).")
 @click.option("--retrain", is_flag=True, help="Train a new decoder even if a fitting one exists.")
 @click.option("--no-meteor", is_flag=True, help="Skip METEOR (~8 s of Java start-up).")
-@click.option("--threads", type=int, help="torch CPU threads for training.")
+@click.option("--threads", type=click.IntRange(min=1), help=THREADS_HELP)
 @click.option("--novel", is_flag=True, help="Use a bank without the test scenes' attribute combinations: "
                                             "captions must be composed, not recalled.")
 @click.option("--encoder", type=click.Choice(["world-gap", "world"]), default="world-gap", show_default=True,

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing
 import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Hashable
-from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from decapflow.bank.memory import Registry
 from decapflow.decoder.registry import current_meta
 from decapflow.serve import worker
 from decapflow.serve.batcher import MicroBatcher
+from decapflow.serve.compute import ComputeWorker
 from decapflow.serve.errors import ApiError, error_response, install_handlers
 from decapflow.serve.gate import BodyLimit, Gate
 from decapflow.serve.inputs import Upload, read_caption_request
@@ -60,6 +59,7 @@ class ServeSettings:
     api_key: str | None = None
     threads: int | None = None  # torch CPU threads of the compute worker
     compute: str = "process"  # "process": the models in a worker process; "thread": in this one
+    worker_start_timeout_s: float = 60.0  # how long a request waits for a restarted worker before a 503
 
 
 #: What the compute worker takes from the server's environment (a forkserver's children do not inherit it).
@@ -70,14 +70,13 @@ class Server:
     """What the routes share: the compute worker (a process holding the models), the batcher, metrics."""
 
     def __init__(self, settings: ServeSettings) -> None:
-        if settings.compute not in ("process", "thread"):
-            raise ValueError(f"compute must be 'process' or 'thread', not {settings.compute!r}")
         self.settings = settings
         self.id = uuid.uuid4().hex
         env = tuple((k, v) for k, v in os.environ.items() if k in WORKER_ENV)
         self.worker_settings = WorkerSettings(settings.store, settings.device, settings.max_banks,
                                               settings.max_pixels, settings.threads, env)
-        self.compute = self._start_worker()
+        self.compute = ComputeWorker(self.id, self.worker_settings, settings.compute, settings.preload,
+                                     settings.worker_start_timeout_s, on_status=self._on_status)
         self.reading = 0  # requests whose bodies are being read: more images on the way
         self.batcher = MicroBatcher(self._run_batch, settings.max_batch, settings.max_wait_ms, settings.max_queue,
                                     arriving=lambda: self.reading)
@@ -88,24 +87,13 @@ class Server:
         self.ready = asyncio.Event()
         self.preload_error: str | None = None
 
-    def _start_worker(self) -> Executor:
-        if self.settings.compute == "thread":  # same process: for debugging, and GPU work that frees the GIL
-            return ThreadPoolExecutor(1, "decapflow-compute", initializer=worker.init,
-                                      initargs=(self.id, self.worker_settings))
-        return ProcessPoolExecutor(1, mp_context=worker_context(), initializer=worker.init,
-                                   initargs=(self.id, self.worker_settings))
-
     async def call(self, fn: Any, *args: Any) -> Any:
-        """Run ``worker.fn(server_id, *args)`` on the compute worker; a dead worker is replaced (503, retry)."""
-        executor = self.compute
-        try:
-            return await asyncio.get_running_loop().run_in_executor(executor, fn, self.id, *args)
-        except BrokenExecutor as exc:
-            if self.compute is executor:
-                self.compute = self._start_worker()
-                executor.shutdown(wait=False, cancel_futures=True)
-            raise ApiError(503, "worker_restarted", "the compute worker stopped and was restarted; "
-                                                    "retry the request") from exc
+        """Run ``worker.fn(server_id, *args)`` on the compute worker. A dead worker is replaced: what it was
+        running fails with 503 ``worker_restarted`` (Retry-After), the rest waits for the new one."""
+        return await self.compute.call(fn, *args)
+
+    def _on_status(self, status: dict[str, Any]) -> None:
+        self.worker_status = status
 
     async def _run_batch(self, key: Hashable, uploads: list[Upload]) -> list[Any]:
         results, self.worker_status = await self.call(worker.run_batch, key, uploads)
@@ -122,18 +110,7 @@ class Server:
 
     async def close(self) -> None:
         await self.batcher.close()
-        self.compute.shutdown(wait=True, cancel_futures=True)
-
-
-def worker_context() -> multiprocessing.context.BaseContext:
-    """forkserver where there is one: a worker (a first one, or one replacing a dead one) forks from a process
-    that has torch and open_clip imported already (seconds of imports, paid once). LanceDB is imported after the
-    fork: its runtime is not fork-safe."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["decapflow.serve.worker", "decapflow.serve.pool", "open_clip"])
-    return context
+        self.compute.close()
 
 
 def create_app(settings: ServeSettings | None = None) -> FastAPI:

@@ -2,12 +2,16 @@
 
 ``decapflow caption --server URL`` uses it, so many clients share one warm server and print what a local run
 prints. An image the server cannot read is reported as a failure (like a local run), the rest still captioned.
+A request the server lost to a restart of its compute worker (503 ``worker_restarted``) is sent once more, after
+the server's Retry-After (at most :data:`MAX_RETRY_WAIT_S`); captioning is read-only, so that is safe.
 """
 
 from __future__ import annotations
 
 import mimetypes
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,25 @@ import httpx
 
 from decapflow.caption.captioner import Caption
 from decapflow.caption.images import ImageFailure
+
+#: Error codes of a 503 that one more try is expected to get past (a new compute worker is already starting).
+RETRIED_CODES = ("worker_restarted",)
+#: The longest the client waits before that one retry, whatever Retry-After says.
+MAX_RETRY_WAIT_S = 5.0
+
+
+def retry_delay(value: str | None, default: float = 1.0) -> float:
+    """Seconds to wait for a Retry-After header (delay-seconds or an HTTP date), within [0, MAX_RETRY_WAIT_S]."""
+    seconds = default
+    if value:
+        try:
+            seconds = float(value)
+        except ValueError:
+            try:
+                seconds = parsedate_to_datetime(value).timestamp() - time.time()
+            except (TypeError, ValueError, OverflowError):
+                seconds = default
+    return min(max(seconds, 0.0), MAX_RETRY_WAIT_S)
 
 
 class ServerError(RuntimeError):
@@ -25,9 +48,18 @@ class ServerError(RuntimeError):
         self.code, self.body = code, body or {}
 
 
+class _Retryable(Exception):
+    def __init__(self, error: ServerError, wait: float) -> None:
+        super().__init__(str(error))
+        self.error, self.wait = error, wait
+
+
 class ServeClient:
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 600.0) -> None:
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 600.0,
+                 on_retry: Callable[[str, float], None] | None = None) -> None:
         self.url = url.rstrip("/")
+        self.on_retry = on_retry  # told (the server's message, seconds to wait) before a retry
+        self.retries = 0  # requests sent again after a worker_restarted
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
@@ -38,6 +70,20 @@ class ServeClient:
         self.http.close()
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The JSON answer; a 503 ``worker_restarted`` is retried once (see the module), other errors raise."""
+        for attempt in range(2):
+            try:
+                return self._request_once(method, path, **kwargs)
+            except _Retryable as exc:
+                if attempt:
+                    raise exc.error from None
+                if self.on_retry:
+                    self.on_retry(str(exc.error), exc.wait)
+                self.retries += 1
+                time.sleep(exc.wait)
+        raise AssertionError("unreachable")
+
+    def _request_once(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
@@ -49,8 +95,11 @@ class ServeClient:
             body = {}
         if response.status_code >= 400:
             error = body.get("error", {}) if isinstance(body, dict) else {}
-            raise ServerError(f"server said {response.status_code}: {error.get('message', response.text[:200])}",
-                              error.get("code", ""), error)
+            failure = ServerError(f"server said {response.status_code}: "
+                                  f"{error.get('message', response.text[:200])}", error.get("code", ""), error)
+            if response.status_code == 503 and failure.code in RETRIED_CODES:
+                raise _Retryable(failure, retry_delay(response.headers.get("Retry-After")))
+            raise failure
         return body
 
     def caption(self, images: Sequence[tuple[str, bytes]], params: dict[str, Any]) -> dict[str, Any]:

@@ -17,18 +17,22 @@ log = logging.getLogger("decapflow.serve")
 
 
 class ApiError(Exception):
-    """An error a client caused or can act on: an HTTP status, a stable code and a message for people."""
+    """An error a client caused or can act on: an HTTP status, a stable code and a message for people; ``extra``
+    goes into the error body, ``headers`` (e.g. Retry-After) onto the response."""
 
-    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                 **extra: Any) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.extra = status, code, message, extra
+        self.headers = headers
 
     def __reduce__(self) -> tuple:  # crosses the process boundary from the compute worker
-        return _rebuild_api_error, (self.status, self.code, self.message, self.extra)
+        return _rebuild_api_error, (self.status, self.code, self.message, self.extra, self.headers)
 
 
-def _rebuild_api_error(status: int, code: str, message: str, extra: dict[str, Any]) -> ApiError:
-    return ApiError(status, code, message, **extra)
+def _rebuild_api_error(status: int, code: str, message: str, extra: dict[str, Any],
+                       headers: dict[str, str] | None = None) -> ApiError:
+    return ApiError(status, code, message, headers, **extra)
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
@@ -60,7 +64,7 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized",
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, **exc.extra)
+        return error_response(exc.status, exc.code, exc.message, headers=exc.headers, **exc.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -3,7 +3,7 @@
 Captioning with small models is mostly Python (a decoding loop of small tensor ops), so in the server's own
 process it would hold the GIL that the HTTP side needs for every request; measured on 2 cores with the world
 bank, that halved batched throughput. In its own process the worker uses one core and the event loop another.
-A worker that dies (out of memory, a crash in native code) is replaced by the server on the next call.
+The server's handle on it, which replaces a worker that died, is :mod:`decapflow.serve.compute`.
 
 Functions here run in the worker; each server's state is keyed by ``server_id`` so tests may run several. The
 models' code (torch, open_clip) is imported in the worker only: the HTTP process stays small.
@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from decapflow import cpu
 from decapflow.serve.errors import ApiError
 from decapflow.serve.inputs import Upload, decode_upload, decode_video_upload, is_video_upload
 
@@ -39,14 +40,11 @@ _STATES: dict[str, _State] = {}
 
 
 def init(server_id: str, settings: WorkerSettings) -> None:
-    """The worker's initializer: environment as the server's, torch threads, an empty pool."""
+    """The worker's initializer: environment as the server's, a CPU share, an empty pool."""
     from decapflow.serve.pool import CaptionerPool
 
     os.environ.update(dict(settings.env))
-    if settings.threads:
-        import torch
-
-        torch.set_num_threads(settings.threads)
+    cpu.acquire(settings.threads, service=True)  # counted by other jobs only while it works (decapflow.cpu)
     _STATES[server_id] = _State(CaptionerPool(settings.store, settings.device, settings.max_banks),
                                 settings.max_pixels)
 
@@ -63,6 +61,7 @@ def run_batch(server_id: str, key: tuple[str, str | None, tuple[tuple[str, Any],
     from decapflow.caption.captioner import Options
     from decapflow.caption.video import DEFAULT_FRAMES, embed_media, embed_video
 
+    cpu.tick()  # "busy", and this batch's share of the CPUs
     state = _STATES[server_id]
     bank, decoder, values = key
     values = dict(values)
@@ -107,3 +106,6 @@ def search(server_id: str, bank: str, query: str, k: int) -> list[dict[str, Any]
 
 def close(server_id: str) -> None:
     _STATES.pop(server_id, None)
+    if not _STATES:
+        cpu.release()
+
