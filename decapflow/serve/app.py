@@ -35,6 +35,7 @@ from decapflow.decoder.registry import current_meta
 from decapflow.serve import worker
 from decapflow.serve.batcher import MicroBatcher
 from decapflow.serve.compute import ComputeWorker
+from decapflow.serve.docs import install_docs
 from decapflow.serve.errors import ApiError, error_response, install_handlers
 from decapflow.serve.gate import BodyLimit, Gate
 from decapflow.serve.inputs import Upload, read_caption_request
@@ -124,8 +125,9 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         task.cancel()
         await server.close()
 
-    app = FastAPI(title="decapflow", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="decapflow", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Caption images against any registered memory bank (DeCap projection decoding).")
+    install_docs(app)  # /docs and /redoc with their JS/CSS served from here (offline), not from a CDN
     app.state.server = server
     install_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_mb * 2**20))
