@@ -11,8 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# Folders of the session, removed when it ends (the objects' finalizers run at interpreter exit).
+_PREFECT_HOME = tempfile.TemporaryDirectory(prefix="decapflow-prefect-", ignore_cleanup_errors=True)
+_CPU_DIR = tempfile.TemporaryDirectory(prefix="decapflow-cpus-", ignore_cleanup_errors=True)
+
 os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="decapflow-prefect-"))
+os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME.name)
 os.environ.setdefault("DECAPFLOW_DEVICE", "cpu")
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the temporary server's shutdown logs go to a closed
@@ -25,7 +29,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90") 
 # live in their own folder, apart from any decapflow job running on the machine (decapflow.cpu).
 torch.set_num_threads(1)
 os.environ["DECAPFLOW_THREADS"] = "1"
-os.environ["DECAPFLOW_CPU_DIR"] = tempfile.mkdtemp(prefix="decapflow-cpus-")
+os.environ["DECAPFLOW_CPU_DIR"] = _CPU_DIR.name
 
 _LOCAL = ("127.0.0.1", "::1", "localhost")
 _connect = socket.socket.connect
