@@ -97,10 +97,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(max_batch: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(max_batch: int, log: Path, threads: int | None = 1) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "decapflow.cli", "serve", "--port", str(port), "--preload", "world", "--threads",
-           "1", "--max-batch", str(max_batch), "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "decapflow.cli", "serve", "--port", str(port), "--preload", "world",
+           "--max-batch", str(max_batch), "--log-level", "warning"] + (["--threads", str(threads)] if threads else [])
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
