@@ -338,8 +338,9 @@ class MemoryBank:
         if self.store is None:
             self.table.add(batch)
             return len(hashes)
-        with self.store.lock(f"bank-{self.name}"):
+        with self.store.lock(f"bank-{self.name}") as lease:
             fresh = self.store.db.open_table(self.name)  # the join must see what other writers committed
+            lease.check()  # a writer that stalled past its lease and lost it must not commit
             if known_version is not None and int(fresh.version) == known_version:
                 fresh.add(batch)
                 written = len(hashes)

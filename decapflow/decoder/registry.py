@@ -182,7 +182,7 @@ class Decoders:
         if self.record(bank, decoder_id) is None:
             known = [d["id"] for d in self.list(bank)]
             raise UnknownDecoder(f"bank {bank!r} has no decoder {decoder_id!r}; registered: {known}")
-        with self.store.lock(f"decoders-{bank}"):
+        with self.store.lock(f"decoders-{bank}") as lease:
             row = self.pointer(bank)
             current = (row["decoder"] or None) if row else None
             if expected is not True and current != expected:
@@ -191,18 +191,20 @@ class Decoders:
                 return True
             history = json.loads(row["history"]) if row else []
             history = ([*history, current] if current else history)[-20:]
+            lease.check()  # a holder that stalled past its lease and lost it must not swap the pointer
             self._write_pointer(bank, decoder_id, history, reason, exists=row is not None)
             self._update(bank, decoder_id, status="promoted")
         return True
 
     def rollback(self, bank: str) -> str:
         """Make the decoder that was current before the current one current again; returns its id."""
-        with self.store.lock(f"decoders-{bank}"):
+        with self.store.lock(f"decoders-{bank}") as lease:
             row = self.pointer(bank)
             history = json.loads(row["history"]) if row else []
             if not history:
                 raise NoDecoder(f"bank {bank!r} has no earlier decoder to roll back to")
             previous = history.pop()
+            lease.check()
             self._write_pointer(bank, previous, history, f"rollback from {row['decoder']}", exists=True)
         return previous
 
