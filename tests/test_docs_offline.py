@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 import time
 from html.parser import HTMLParser
@@ -12,8 +11,7 @@ import httpx
 import pytest
 
 from decapflow.serve.app import ServeSettings, create_app
-
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+from tests.test_page import chromium
 
 
 class Assets(HTMLParser):
@@ -105,20 +103,8 @@ def test_docs_honour_the_root_path_of_a_proxy() -> None:
 @pytest.fixture
 def offline_browser():
     """Headless Chromium (as in test_page.py) that can resolve no host but 127.0.0.1: the internet is gone."""
-    if not (CHROMIUM and CHROMEDRIVER):
-        if os.environ.get("CI"):
-            pytest.fail("CI must have chromium and chromium-driver (apt-get install chromium chromium-driver)")
-        pytest.skip("no chromium/chromedriver here: apt-get install chromium chromium-driver")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1", "--proxy-server=http://127.0.0.1:9",
-                 "--proxy-bypass-list=127.0.0.1"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver = chromium("--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1", "--proxy-server=http://127.0.0.1:9",
+                      "--proxy-bypass-list=127.0.0.1")
     yield driver
     driver.quit()
 
