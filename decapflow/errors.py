@@ -23,3 +23,7 @@ class NoDecoder(ValueError):
 
 class EncoderUnavailable(RuntimeError):
     """The encoder spec is malformed or its weights cannot be loaded (offline, missing file, unknown name)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite: retrying the same recipe would diverge again."""

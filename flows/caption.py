@@ -9,13 +9,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from decapflow.caption.captioner import Captioner, Options, caption_paths
 from decapflow.caption.images import collect_paths
 from decapflow.caption.video import DEFAULT_FRAMES, MEDIA_SUFFIXES, is_video
 from decapflow.evaluation.results import render
+from flows.report import caption_artifacts
 
 
 @task(name="caption-batch", cache_policy=NO_CACHE)
@@ -24,21 +26,36 @@ def caption_task(captioner: Captioner, paths: list[Path], frames: int = DEFAULT_
     return caption_paths(captioner, paths, frames=frames)
 
 
-@flow(name="decapflow-caption")
+@task(name="open-bank", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 10, 30])
+def open_captioner(memory: str, options: Options, decoder: str | None, store: str | None) -> Captioner:
+    """The bank, its decoder and its encoder (store reads: retried)."""
+    return Captioner.for_bank(memory, options, decoder=decoder, store=store)
+
+
+def caption_run_name() -> str:
+    """``caption-BANK-FOLDER``."""
+    return f"caption-{flow_run.parameters['memory']}-{Path(flow_run.parameters['images']).resolve().name}"
+
+
+@flow(name="decapflow-caption", flow_run_name=caption_run_name)
 def caption_flow(images: str, memory: str, output_dir: str, strategy: str = "pd", decoder: str | None = None,
                  store: str | None = None, batch_size: int = 256, frames: int = DEFAULT_FRAMES) -> dict[str, Any]:
     """Caption every image and video under ``images`` with bank ``memory`` (a video from the mean embedding of
     ``frames`` frames sampled uniformly over it); writes captions.jsonl, captions.coco.json (when the file names
-    carry ids) and manifest.json under ``output_dir``. Returns the manifest."""
+    carry ids) and manifest.json under ``output_dir``; leaves ``caption-BANK`` (the first captions) and
+    ``caption-BANK-results`` (a link to captions.jsonl). Returns the manifest."""
     start = time.perf_counter()
     options = Options(strategy=strategy)
-    captioner = Captioner.for_bank(memory, options, decoder=decoder, store=store)
+    captioner = open_captioner(memory, options, decoder, store)
     paths = collect_paths([images], MEDIA_SUFFIXES)
+    logger = get_run_logger()
     captions, failures = [], []
     for i in range(0, len(paths), batch_size):
         got, failed = caption_task(captioner, paths[i : i + batch_size], frames)
         captions += got
         failures += failed
+        logger.info("captioned %d of %d files (%d failed) in %.1f s", len(captions) + len(failures), len(paths),
+                    len(failures), time.perf_counter() - start)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "captions.jsonl").write_text(render(captions, "jsonl"), encoding="utf-8")
@@ -55,4 +72,5 @@ def caption_flow(images: str, memory: str, output_dir: str, strategy: str = "pd"
                 "failed": [asdict(f) for f in failures], "files": files,
                 "seconds": round(time.perf_counter() - start, 2)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    caption_artifacts(memory, captions, out / "captions.jsonl")
     return manifest

@@ -5,11 +5,13 @@ With ``workers`` or ``cluster`` the embed tasks run on Dask workers through pref
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import Flow, flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
+from prefect.runtime import flow_run
 
 from decapflow.bank.dask_embed import embed_texts, encoder_info
 from decapflow.bank.ingest import (
@@ -20,10 +22,13 @@ from decapflow.bank.ingest import (
     run_ingest,
     write_chunk,
 )
+from decapflow.errors import BankError
+from flows.report import ingest_summary, run_pulse
 
 embed_task = task(embed_chunk, name="embed-chunk", cache_policy=NO_CACHE)
 write_task = task(write_chunk, name="write-chunk", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=2)
-embed_texts_task = task(embed_texts, name="embed-chunk-remote", cache_policy=NO_CACHE, retries=2)
+embed_texts_task = task(embed_texts, name="embed-chunk-remote", cache_policy=NO_CACHE, retries=2,
+                        retry_delay_seconds=5)  # a lost Dask worker
 encoder_info_task = task(encoder_info, name="encoder-info", cache_policy=NO_CACHE)
 
 
@@ -38,7 +43,16 @@ class TaskEmbedder:
         return embed_texts_task.submit(self.spec, self.device, texts, self.batch_size)
 
 
-@flow(name="decapflow-ingest")
+def ingest_run_name() -> str:
+    """``ingest-BANK`` (the bank the file goes to, named or derived from the file name)."""
+    path, memory = flow_run.parameters["path"], flow_run.parameters.get("memory")
+    try:
+        return f"ingest-{bank_name_for(Path(path), memory)}"
+    except BankError:  # the flow says why; the name only needs to be readable
+        return f"ingest-{memory or Path(path).name}"
+
+
+@flow(name="decapflow-ingest", flow_run_name=ingest_run_name)
 def ingest_flow(
     path: str,
     memory: str | None = None,
@@ -55,17 +69,21 @@ def ingest_flow(
     cluster: str | None = None,
 ) -> dict[str, Any]:
     """Ingest a corpus file into a memory bank; returns the ingest report as a dict. ``workers``/``cluster``:
-    embed on Dask (through the flow's DaskTaskRunner when it has one, else with dask.distributed directly)."""
+    embed on Dask (through the flow's DaskTaskRunner when it has one, else with dask.distributed directly).
+    Each committed chunk is a line in the run's log; the run leaves ``ingest-BANK`` (a summary) and
+    ``ingest-BANK-progress``."""
+    bank = bank_name_for(Path(path), memory)
     common = dict(chunk_size=chunk_size, batch_size=batch_size, fmt=fmt, field=field, errors=errors, device=device,
-                  progress=progress, write=write_task)
+                  progress=progress, write=write_task, pulse=run_pulse("ingest", bank))
     on_dask = type(FlowRunContext.get().task_runner).__name__ == "DaskTaskRunner"
     if (workers or cluster) and on_dask:
-        spec = encoder_for(bank_name_for(path, memory), encoder, store)
+        spec = encoder_for(bank, encoder, store)
         remote = TaskEmbedder(spec, device, batch_size, window=2 * (workers or 2))
         report = run_ingest(path, memory, encoder, store, remote=remote, **common)
     else:
         report = run_ingest(path, memory, encoder, store, embed=embed_task, workers=workers, cluster=cluster,
                             **common)
+    ingest_summary(report.to_dict())
     return report.to_dict()
 
 

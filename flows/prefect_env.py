@@ -34,7 +34,10 @@ def configure(mode: str = "auto") -> tuple[str | None, str]:
     if mode == "off":
         return None, "--prefect off"
     os.environ.setdefault("PREFECT_HOME", str(home() / "prefect"))
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # Run logs (progress lines, summaries) go to the server at INFO; the terminal shows only warnings from
+    # Prefect, next to decapflow's own output.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
     api = os.environ.get("PREFECT_API_URL")
     if api:

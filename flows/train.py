@@ -1,52 +1,99 @@
 """Training flows: train a bank's decoder; retrain a bank when it has grown, gated (the event-triggered
-deployment); retrain every bank that changed (the nightly deployment)."""
+deployment); retrain every bank that changed (the nightly deployment).
+
+Runs are named after their bank (``train-coco``, ``retrain-coco-v12``), log their progress (step, loss, tokens/s,
+ETA, each validation) and leave the artifacts of :mod:`flows.report`. A training holds its bank's slot and one of
+its machine's (:mod:`flows.slots`): banks retrain side by side, one bank never twice at once. Reading the bank
+is retried; the training is not (a diverged one would diverge again, and it is the costly step)."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from decapflow.bank.memory import Registry
 from decapflow.lifecycle.training import retrain_due, train_bank
+from flows.report import gate_scoreboard, run_pulse, training_artifacts
+from flows.slots import training_slot
 
-train_task = task(train_bank, name="train-decoder", cache_policy=NO_CACHE)
+STORE_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}  # object stores have bad seconds
 
 
-@flow(name="decapflow-train")
+@task(name="bank-version", cache_policy=NO_CACHE, **STORE_RETRIES)
+def bank_version(bank: str, store: str | None = None) -> int:
+    return Registry(store).open(bank).version
+
+
+retrain_due_task = task(retrain_due, name="retrain-due", cache_policy=NO_CACHE, **STORE_RETRIES)
+
+
+def _rename(name: str) -> None:
+    """Rename this flow run (once its bank version is pinned)."""
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, name=name)
+
+
+train_task = task(train_bank, name="train-decoder", task_run_name="train-{bank}", cache_policy=NO_CACHE)
+
+
+def _train(bank: str, config: str, recipe: dict[str, Any] | None, store: str | None, *, resume: bool = False,
+           progress: bool = False, gate: bool, metric: str, margin: float, version: int | None,
+           log_every_s: float, due: Callable[[], tuple[bool, str]] | None = None) -> dict[str, Any]:
+    """Under the bank's and the machine's slots: check ``due()`` (when given), train with progress in the log;
+    then leave the run's artifacts."""
+    logger = get_run_logger()
+    with training_slot(bank) as waited:
+        reason = None
+        if due is not None:
+            trained, reason = due()
+            logger.info("bank %s at version %s: %s", bank, version, reason)
+            if not trained:
+                return {"bank": bank, "bank_version": version, "trained": False, "reason": reason}
+        result = train_task(bank, config, recipe or {}, store, resume, progress, gate=gate, metric=metric,
+                            margin=margin, version=version, pulse=run_pulse("train", bank, log_every_s))
+    logger.info(result["summary"])
+    training_artifacts(result)
+    gate_scoreboard(result["decision"], time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()))
+    return {**result, "trained": True, "reason": reason, "slot_wait_seconds": round(waited, 2)}
+
+
+@flow(name="decapflow-train", flow_run_name="train-{bank}")
 def train_flow(bank: str, config: str = "decap-small", recipe: dict[str, Any] | None = None,
                store: str | None = None, resume: bool = False, progress: bool = False, gate: bool = False,
-               metric: str = "auto", margin: float = 0.0) -> dict[str, Any]:
-    """Train a decoder for one memory bank; make it current (``gate``: only when it beats the current one)."""
-    return train_task(bank, config, recipe or {}, store, resume, progress, gate=gate, metric=metric, margin=margin)
+               metric: str = "auto", margin: float = 0.0, log_every_s: float = 30.0) -> dict[str, Any]:
+    """Train a decoder for one memory bank; make it current (``gate``: only when it beats the current one).
+    Progress goes to the run's log every ``log_every_s`` seconds and after each validation."""
+    return _train(bank, config, recipe, store, resume=resume, progress=progress, gate=gate, metric=metric,
+                  margin=margin, version=None, log_every_s=log_every_s)
 
 
-@flow(name="decapflow-retrain-bank")
+@flow(name="decapflow-retrain-bank", flow_run_name="retrain-{bank}")
 def retrain_bank_flow(bank: str, config: str = "decap-small", recipe: dict[str, Any] | None = None,
                       store: str | None = None, metric: str = "auto", margin: float = 0.0, min_new_rows: int = 1,
-                      min_growth: float | None = None) -> dict[str, Any]:
-    """When ``bank`` grew enough since its current decoder (``min_new_rows`` rows or a ``min_growth`` share),
-    train a challenger on the bank version of this moment (pinned: ingests running meanwhile do not leak in)
-    and promote it only if it beats the current decoder by ``margin`` on ``metric``."""
-    logger = get_run_logger()
-    version = Registry(store).open(bank).version
-    due, reason = retrain_due(bank, store, min_new_rows, min_growth)
-    logger.info("bank %s at version %s: %s", bank, version, reason)
-    if not due:
-        return {"bank": bank, "bank_version": version, "trained": False, "reason": reason}
-    result = train_task(bank, config, recipe or {}, store, False, False, gate=True, metric=metric, margin=margin,
-                        version=version)
-    logger.info(result["summary"])
-    return {**result, "trained": True, "reason": reason}
+                      min_growth: float | None = None, log_every_s: float = 30.0) -> dict[str, Any]:
+    """When ``bank`` grew enough since its last decoder (``min_new_rows`` rows or a ``min_growth`` share), train
+    a challenger on the bank version of this moment (pinned: ingests running meanwhile do not leak in; the run is
+    renamed ``retrain-BANK-vVERSION``) and promote it only if it beats the current decoder by ``margin`` on
+    ``metric``. Whether it is due is decided once the bank's slot is held, so a second retrain triggered for
+    the same rows finds them trained and skips."""
+    version = bank_version(bank, store)
+    _rename(f"retrain-{bank}-v{version}")
+    return _train(bank, config, recipe, store, gate=True, metric=metric, margin=margin, version=version,
+                  log_every_s=log_every_s, due=lambda: retrain_due_task(bank, store, min_new_rows, min_growth))
 
 
-@flow(name="decapflow-retrain")
+@flow(name="decapflow-retrain", flow_run_name="retrain-changed-banks")
 def retrain_flow(banks: list[str] | None = None, config: str = "decap-small", recipe: dict[str, Any] | None = None,
                  store: str | None = None, metric: str = "auto", margin: float = 0.0,
                  min_new_rows: int = 1) -> list[dict[str, Any]]:
     """Scheduled retraining: a gated challenger for every bank (or ``banks``) that changed since its current
-    decoder was trained; banks without a decoder get one. Returns the banks trained."""
+    decoder was trained; banks without a decoder get one. Each bank is a ``retrain-BANK-vVERSION`` subflow, one
+    after another. Returns the banks trained."""
     results = [retrain_bank_flow(name, config, recipe, store, metric, margin, min_new_rows)
                for name in banks or Registry(store).names()]
     return [r for r in results if r["trained"]]

@@ -19,7 +19,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME.name)
 os.environ.setdefault("DECAPFLOW_DEVICE", "cpu")
 os.environ.pop("PREFECT_API_URL", None)
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the temporary server's shutdown logs go to a closed
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")  # run logs reach the server; the console and the temporary
+os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")  # server (whose shutdown logs go to a closed
 os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")  # stream at exit otherwise
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")  # 25-30 s on a busy 2-core box

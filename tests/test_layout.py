@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 #: The stages, lowest first: the one place their order is written. A module belongs to the stage of the longest
 #: prefix below that names it; it may import its own stage and the ones before it.
 STAGES: list[tuple[str, ...]] = [
-    ("decapflow._version", "decapflow.config", "decapflow.cpu", "decapflow.errors", "decapflow.encoders"),
+    ("decapflow._version", "decapflow.config", "decapflow.cpu", "decapflow.errors", "decapflow.encoders",
+     "decapflow.progress"),
     ("decapflow.bank",),
     ("decapflow.decoder",),
     ("decapflow.caption",),

@@ -123,6 +123,21 @@ class CorpusStats:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def follow(self, raw: IO[bytes], size: int) -> None:
+        """Report :meth:`fraction` from ``raw``'s position (not a field: the report stays plain data)."""
+        self._raw, self._size = raw, size
+
+    def fraction(self) -> float | None:
+        """The share of the file read so far (of its compressed bytes for gzip; read ahead by a buffer), or None
+        when unknown (parquet)."""
+        raw = getattr(self, "_raw", None)
+        if raw is None:
+            return None
+        try:
+            return raw.tell() / self._size if self._size else 1.0
+        except ValueError:  # closed: read to the end
+            return 1.0
+
     def record_invalid(self, number: int) -> None:
         self.invalid += 1
         if len(self.invalid_lines) < MAX_LINES_KEPT:
@@ -138,9 +153,12 @@ class CorpusStats:
 
 
 @contextlib.contextmanager
-def _open_bytes(path: Path) -> Iterator[IO[bytes]]:
-    """Open ``path`` for binary reading, gunzipping on the fly when it starts with the gzip magic bytes."""
+def _open_bytes(path: Path, stats: CorpusStats | None = None) -> Iterator[IO[bytes]]:
+    """Open ``path`` for binary reading, gunzipping on the fly when it starts with the gzip magic bytes; ``stats``
+    follows the position in the file (:meth:`CorpusStats.fraction`)."""
     with open(path, "rb") as raw:
+        if stats is not None:
+            stats.follow(raw, Path(path).stat().st_size)
         compressed = raw.read(2) == _GZIP_MAGIC
         raw.seek(0)
         with gzip.GzipFile(fileobj=raw) if compressed else contextlib.nullcontext(raw) as binary:
@@ -201,7 +219,7 @@ def _column(path: Path, names: list[str], fields: tuple[str, ...]) -> int:
 
 
 def _read_txt(path: Path, fields: tuple[str, ...], skip: bool, stats: CorpusStats) -> Iterator[tuple[int, str]]:
-    with _open_bytes(path) as binary:
+    with _open_bytes(path, stats) as binary:
         for number, text, ok in _decode_lines(binary, stats):
             stats.read += 1
             if _keep(ok, skip, stats):
@@ -211,7 +229,7 @@ def _read_txt(path: Path, fields: tuple[str, ...], skip: bool, stats: CorpusStat
 def _read_jsonl(path: Path, fields: tuple[str, ...], skip: bool, stats: CorpusStats) -> Iterator[tuple[int, str]]:
     """Bad JSON or a missing field is counted invalid; a file whose objects never hold the field raises."""
     misses, found, keys = 0, False, set()
-    with _open_bytes(path) as binary:
+    with _open_bytes(path, stats) as binary:
         for number, text, ok in _decode_lines(binary, stats):
             stats.read += 1
             if not _keep(ok, skip, stats):
@@ -258,7 +276,7 @@ def _read_delimited(
     path: Path, fields: tuple[str, ...], skip: bool, stats: CorpusStats, *, delimiter: str
 ) -> Iterator[tuple[int, str]]:
     """CSV/TSV with a header row; quoted fields may hold newlines, the record number is its first line."""
-    with _open_bytes(path) as binary:
+    with _open_bytes(path, stats) as binary:
         feed = _LineFeed(_decode_lines(binary, stats))
         reader = csv.reader(feed, delimiter=delimiter)
         header = next(reader, None)
@@ -289,7 +307,7 @@ def _read_delimited(
 def _read_coco(path: Path, fields: tuple[str, ...], skip: bool, stats: CorpusStats) -> Iterator[tuple[int, str]]:
     """COCO captions JSON, read whole. Invalid UTF-8 is located per physical line and always replaced (a
     JSON document cannot lose a line); with skip, captions holding U+FFFD in such a file are dropped."""
-    with _open_bytes(path) as binary:
+    with _open_bytes(path, stats) as binary:
         decoded = list(_decode_lines(io.BytesIO(binary.read()), stats))
     damaged = not all(ok for _, _, ok in decoded)
     try:

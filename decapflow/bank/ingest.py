@@ -24,6 +24,7 @@ from decapflow.bank.corpus import CorpusStats, Sentence, batched, detect_format,
 from decapflow.bank.memory import MemoryBank, Registry, check_name
 from decapflow.bank.textcheck import check_text
 from decapflow.encoders import DEFAULT_ENCODER, Encoder, load_encoder
+from decapflow.progress import Pulse, duration
 
 DEFAULT_CHUNK = 4096
 
@@ -154,11 +155,13 @@ def run_ingest(
     workers: int | None = None,
     cluster: str | None = None,
     remote: RemoteEmbedder | None = None,
+    pulse: Pulse | None = None,
 ) -> IngestReport:
     """Ingest ``path`` into bank ``memory``. ``embed``/``write`` may be replaced by orchestrated versions of
     :func:`embed_chunk` / :func:`write_chunk` (same signatures). With ``workers`` (a local Dask cluster) or
     ``cluster`` (a Dask scheduler address), or a ready ``remote`` embedder, chunks are embedded elsewhere and
-    still written in order (:mod:`decapflow.bank.dask_embed`)."""
+    still written in order (:mod:`decapflow.bank.dask_embed`). ``pulse`` gets a line per committed chunk (records
+    read, sentences written, rates, the bank's version, the share of the file read)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"corpus {str(path)!r} does not exist")
@@ -172,7 +175,8 @@ def run_ingest(
 
         with DaskEmbedder(encoder_for(name, encoder, store), device, address=cluster, workers=workers, batch_size=batch_size) as dask:
             report = run_ingest(path, memory, encoder, store, chunk_size=chunk_size, batch_size=batch_size, fmt=fmt,
-                                field=field, errors=errors, device=device, progress=progress, write=write, remote=dask)
+                                field=field, errors=errors, device=device, progress=progress, write=write, remote=dask,
+                                pulse=pulse)
         report.seconds = time.perf_counter() - start  # with the cluster's start-up and close, like the local path
         return report
     if remote is None:
@@ -192,6 +196,10 @@ def run_ingest(
     stats = CorpusStats()
     added_at = datetime.now(timezone.utc)
     bar = _progress_bar(progress, name)
+    if pulse is not None:
+        pulse.say(f"ingesting {path.name} into bank {name!r} ({len(bank):,} rows, version {bank.version}) with "
+                  f"encoder {bank.encoder}, chunks of {chunk_size:,}", 0.0)
+    chunk_start = time.perf_counter()
     try:
         for chunk, (vectors, truncated) in embedded(read_chunks(path, bank.hashes(), stats, chunk_size, fmt, field,
                                                                 errors)):
@@ -202,6 +210,13 @@ def run_ingest(
             report.chunks += 1
             if bar is not None:
                 bar.update(len(chunk))
+            if pulse is not None:
+                now = time.perf_counter()
+                pulse.say(f"chunk {report.chunks} committed: {stats.read:,} records read, {report.written:,} "
+                          f"sentences written ({written / (now - chunk_start):,.0f}/s in this chunk, "
+                          f"{report.written / (now - start):,.0f}/s overall, {duration(now - start)}), "
+                          f"bank version {bank.version}", stats.fraction())
+                chunk_start = now
     finally:
         if bar is not None:
             bar.close()

@@ -36,7 +36,10 @@ from decapflow.config import cache_dir, default_device
 from decapflow.decoder.checkpoint import load_decoder, replace_dir, write_decoder_files
 from decapflow.decoder.distributed import Dist
 from decapflow.decoder.model import DeCapDecoder, DecoderConfig, load_config
+from decapflow.decoder.plot import plot_losses
 from decapflow.decoder.vocab import Captions, Texts, Vocab, prepare
+from decapflow.errors import TrainingDiverged
+from decapflow.progress import Pulse
 
 
 @dataclass
@@ -175,29 +178,16 @@ def evaluate(model: DeCapDecoder, data: Captions, index: np.ndarray, recipe: Tra
     return loss_sum / max(count, 1), correct / max(count, 1)
 
 
-def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
-    """Train/validation loss per epoch as a PNG (matplotlib's Agg canvas; no global backend change)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    epochs = [h["epoch"] for h in history]
-    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    ax.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
-    ax.set(xlabel="epoch", ylabel="loss (label-smoothed CE)", title="DeCap decoder")
-    ax.legend()
-    fig.savefig(path, dpi=80)
-
-
 class _Trainer:
     """One training run's moving parts; ``train_decoder`` is the entry point."""
 
     def __init__(self, model: DeCapDecoder, vocab: Vocab, data: Captions, recipe: TrainRecipe,
-                 out_dir: Path, device: torch.device, dist: Dist, meta: dict[str, Any]) -> None:
+                 out_dir: Path, device: torch.device, dist: Dist, meta: dict[str, Any], pulse: Pulse | None = None
+                 ) -> None:
         self.model, self.vocab, self.data, self.recipe = model, vocab, data, recipe
         self.out_dir, self.device, self.dist, self.meta = out_dir, device, dist, meta
+        self.pulse = pulse if dist.main else None
+        self.began, self.began_step = time.monotonic(), 0  # for the ETA: this process's start (a resume too)
         self.train_idx, self.val_idx = split(len(data), recipe.val_fraction, recipe.seed)
         self.optimizer = make_optimizer(model, recipe)
         self.net: torch.nn.Module = model
@@ -283,8 +273,29 @@ class _Trainer:
             if b % 20 == 0:
                 elapsed = time.perf_counter() - start
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):,.0f}")
+            if self.pulse is not None and self.pulse.due(state.step):
+                self.report_step(epoch, float(loss_sum) / max(tokens, 1), tokens / (time.perf_counter() - start))
         bar.close()
         return float(loss_sum), tokens, time.perf_counter() - start
+
+    def report_step(self, epoch: int, loss: float, tokens_per_s: float) -> None:
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"the training loss is {loss} at step {self.state.step} (lr {self.recipe.lr})")
+        self.pulse.step(self.state.step, self.total_steps,
+                        f"epoch {epoch + 1}/{self.recipe.epochs} · loss {loss:.4f} · {tokens_per_s:,.0f} tokens/s",
+                        since=self.began, done_since=self.began_step)
+
+    def report_validation(self, metrics: dict[str, Any], improved: bool) -> None:
+        m, total = metrics, self.total_steps
+        if not (math.isfinite(m["train_loss"]) and math.isfinite(m["val_loss"])):
+            raise TrainingDiverged(f"epoch {m['epoch']}: train loss {m['train_loss']}, validation loss "
+                                   f"{m['val_loss']} (lr {self.recipe.lr})")
+        if self.pulse is not None:
+            best = "best so far" if improved else f"best {self.state.best_val_loss:.4f} at epoch {self.state.best_epoch}"
+            self.pulse.say(f"validation after epoch {m['epoch']}/{self.recipe.epochs} (step {m['step']:,}/{total:,}): "
+                           f"train loss {m['train_loss']:.4f}, validation loss {m['val_loss']:.4f} ({best}), "
+                           f"token accuracy {m['val_acc']:.3f}, {m['tokens_per_s']:,.0f} tokens/s",
+                           m["step"] / max(total, 1))
 
     def finished(self) -> bool:
         """Stopped early, or out of epochs or steps (a resume with a larger budget continues)."""
@@ -293,6 +304,13 @@ class _Trainer:
 
     def run(self, progress: bool, on_epoch: Callable[[dict[str, Any]], Any] | None) -> None:
         r, state = self.recipe, self.state
+        self.began, self.began_step = time.monotonic(), state.step
+        if self.pulse is not None:
+            held = (f"{len(self.val_idx):,} held out for validation" if r.val_fraction > 0 else
+                    "validated on the training rows")
+            self.pulse.say(f"training on {len(self.train_idx):,} sentences ({held}): {self.total_steps:,} steps of "
+                           f"{r.batch_size} on {self.device}"
+                           + (f", from step {state.step:,}" if state.step else ""), state.step / max(self.total_steps, 1))
         while not self.finished():
             loss_sum, tokens, seconds = self.train_epoch(state.epoch, progress)
             loss_sum, tokens, seconds = self.dist.sum(loss_sum, tokens, seconds)
@@ -312,6 +330,7 @@ class _Trainer:
             state.stopped_early = r.patience is not None and state.bad_epochs >= r.patience
             state.epoch += 1
             state.history.append(metrics)
+            self.report_validation(metrics, improved)
             if self.dist.main:
                 with open(self.out_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
@@ -328,7 +347,7 @@ def train_decoder(
     texts: Texts, vectors: np.ndarray, *, config: DecoderConfig | str | Path,
     recipe: TrainRecipe | None = None, out_dir: Path, resume: bool = False, progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], Any] | None = None, meta: dict[str, Any] | None = None,
-    token_cache: Path | bool = True, rows: np.ndarray | None = None,
+    token_cache: Path | bool = True, rows: np.ndarray | None = None, pulse: Pulse | None = None,
 ) -> TrainResult:
     """Train a decoder on ``texts`` and their unit CLIP vectors [N, D]; checkpoints go to ``out_dir``.
     ``rows``: the indices of the rows to train on (default all); ``vectors`` may be a read-only memmap, which
@@ -336,7 +355,9 @@ def train_decoder(
 
     ``config`` is a DecoderConfig or a bundled name/JSON path (prefix size and vocabulary are filled in).
     ``meta`` (bank, bank version, encoder spec, ...) is stored in every checkpoint's ``meta.json``.
-    ``on_epoch(metrics)`` is called after each epoch on rank 0. ``token_cache``: a folder, True for
+    ``on_epoch(metrics)`` is called after each epoch on rank 0; ``pulse`` gets progress lines (step, loss,
+    tokens/s, ETA at its rhythm, and each validation). A NaN or infinite loss raises :class:`TrainingDiverged`.
+    ``token_cache``: a folder, True for
     ``<home>/cache/tokens``, False for none. The caller's global torch RNG is left untouched."""
     recipe = recipe or TrainRecipe()
     dist = Dist.from_env()
@@ -354,7 +375,8 @@ def train_decoder(
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             torch.manual_seed(recipe.seed)
             meta = {**(meta or {}), "texts_key": data.key}
-            trainer = _Trainer(DeCapDecoder(cfg).to(device), vocab, data, recipe, out_dir, device, dist, meta)
+            trainer = _Trainer(DeCapDecoder(cfg).to(device), vocab, data, recipe, out_dir, device, dist, meta,
+                               pulse)
             if resume and (out_dir / "last" / "train_state.pt").is_file():
                 trainer.restore(out_dir / "last")
             if dist.main:  # metrics.jsonl mirrors the (restored) history

@@ -24,6 +24,7 @@ from decapflow.decoder.model import DecoderConfig
 from decapflow.decoder.registry import decoders
 from decapflow.decoder.train import TrainRecipe, TrainResult, train_decoder
 from decapflow.lifecycle.gate import decide, held_out_texts, text_eval_set
+from decapflow.progress import Pulse
 
 __all__ = ["runs_dir", "train_bank", "train_from_bank"]
 
@@ -37,12 +38,13 @@ def train_from_bank(
     bank_name: str, *, config: DecoderConfig | str | Path = "decap-small", recipe: TrainRecipe | None = None,
     store: str | None = None, resume: bool = False, progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], Any] | None = None, version: int | None = None, promote: bool = True,
+    pulse: Pulse | None = None,
 ) -> tuple[str, TrainResult]:
     """Train a decoder on a memory bank's stored texts and vectors (no CLIP re-encoding) at bank ``version``
     (default: the newest now, pinned for the whole run), leaving out the bank's held-out evaluation sentences.
     Registers the best checkpoint as a challenger whose parent is the current decoder, and makes it current
     when ``promote`` (unconditionally; :func:`train_bank` can gate instead). ``resume`` continues the bank's
-    latest run. Returns (decoder id, result)."""
+    latest run. ``pulse`` gets the training's progress lines. Returns (decoder id, result)."""
     reg = decoders(store)
     bank = Registry(store).open(bank_name).at(version)
     if len(bank) < 2:
@@ -65,7 +67,7 @@ def train_from_bank(
             "parent": reg.current_id(bank_name), "config": str(config) if not isinstance(config, DecoderConfig) else "custom",
             "recipe": (recipe or TrainRecipe()).to_dict(), "run": str(out_dir)}
     result = train_decoder(texts, vectors, rows=keep, config=config, recipe=recipe, out_dir=out_dir,
-                           resume=resume, progress=progress, on_epoch=on_epoch, meta=meta)
+                           resume=resume, progress=progress, on_epoch=on_epoch, meta=meta, pulse=pulse)
     if not dist.main:
         return "", result
     decoder_id = register(bank_name, result.best, make_current=promote, store=store)
@@ -75,23 +77,31 @@ def train_from_bank(
 def train_bank(bank: str, config: str = "decap-small", recipe: dict[str, Any] | None = None,
                store: str | None = None, resume: bool = False, progress: bool = True, *, gate: bool = False,
                metric: str = "auto", margin: float = 0.0, version: int | None = None,
-               keep_rejected: int = 5) -> dict[str, Any]:
+               keep_rejected: int = 5, pulse: Pulse | None = None) -> dict[str, Any]:
     """:func:`train_from_bank` then :func:`~decapflow.lifecycle.gate.decide`, with plain data in and out (what the CLI
     and the Prefect tasks pass around). ``gate``: promote only a challenger that beats the current decoder by
     ``margin`` on ``metric``; otherwise promote it (by hand) but still score and record it. Old rejected
-    decoders beyond ``keep_rejected`` are deleted. Returns the decoder id, decision, training summary, seconds."""
+    decoders beyond ``keep_rejected`` are deleted. Returns the decoder id, decision, training summary (recipe,
+    device, bank version, final losses, tokens/s, the run folder and its loss curve), seconds."""
     start = time.perf_counter()
-    decoder_id, result = train_from_bank(bank, config=config, recipe=TrainRecipe.from_dict(recipe or {}),
-                                         store=store, resume=resume, progress=progress, version=version,
-                                         promote=False)
+    parsed = TrainRecipe.from_dict(recipe or {})
+    decoder_id, result = train_from_bank(bank, config=config, recipe=parsed, store=store, resume=resume,
+                                         progress=progress, version=version, promote=False, pulse=pulse)
     trained = time.perf_counter() - start
     if not decoder_id:  # a torchrun rank other than 0: rank 0 decides
         return {"bank": bank, "rank": Dist.from_env().rank, "history": result.history,
                 "train_seconds": round(trained, 2), "seconds": round(time.perf_counter() - start, 2)}
     decision = decide(bank, decoder_id, gate=gate, metric=metric, margin=margin, store=store)
     pruned = decoders(store).prune(bank, keep_rejected=keep_rejected)
+    last = result.history[-1] if result.history else {}
+    seconds = sum(h["seconds"] for h in result.history)
+    tokens = sum(h["tokens_per_s"] * h["seconds"] for h in result.history)
     return {"bank": bank, "decoder": decoder_id, "promoted": decision.promoted, "decision": decision.to_dict(),
-            "summary": decision.summary(), "pruned": pruned, "best_epoch": result.best_epoch,
+            "summary": decision.summary(), "pruned": pruned, "config": config, "recipe": parsed.to_dict(),
+            "device": str(default_device(parsed.device)), "bank_version": decision.bank_version,
+            "train_loss": last.get("train_loss"), "val_loss": last.get("val_loss"),
+            "tokens_per_s": tokens / seconds if seconds else None, "run": str(result.out_dir),
+            "loss_plot": str(result.out_dir / "loss.png"), "best_epoch": result.best_epoch,
             "best_val_loss": result.best_val_loss, "steps": result.steps, "stopped_early": result.stopped_early,
             "history": result.history, "train_seconds": round(trained, 2),
             "seconds": round(time.perf_counter() - start, 2)}
