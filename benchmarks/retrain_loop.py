@@ -117,7 +117,7 @@ def main() -> None:
     from decapflow.decoder.train import TrainRecipe
     from decapflow.encoders import WORLD_DIR
     from decapflow.lifecycle.training import train_from_bank
-    from tests.test_deployments import SET_PARAMETERS, Prefect
+    from tests.prefect_server import SET_PARAMETERS, Prefect
 
     run_ingest(WORLD_DIR / "corpus.txt.gz", "world", "world")
     champion, _ = train_from_bank("world", config="decap-small", progress=False,

@@ -17,6 +17,7 @@ from decapflow.caption.captioner import Captioner, Options, caption_paths
 from decapflow.caption.images import collect_paths
 from decapflow.caption.video import DEFAULT_FRAMES, MEDIA_SUFFIXES, is_video
 from decapflow.evaluation.results import render
+from flows.prefect_env import STORE_RETRIES
 from flows.report import caption_artifacts
 
 
@@ -26,7 +27,7 @@ def caption_task(captioner: Captioner, paths: list[Path], frames: int = DEFAULT_
     return caption_paths(captioner, paths, frames=frames)
 
 
-@task(name="open-bank", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 10, 30])
+@task(name="open-bank", cache_policy=NO_CACHE, **STORE_RETRIES)
 def open_captioner(memory: str, options: Options, decoder: str | None, store: str | None) -> Captioner:
     """The bank, its decoder and its encoder (store reads: retried)."""
     return Captioner.for_bank(memory, options, decoder=decoder, store=store)

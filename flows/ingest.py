@@ -23,10 +23,11 @@ from decapflow.bank.ingest import (
     write_chunk,
 )
 from decapflow.errors import BankError
+from flows.prefect_env import STORE_RETRIES
 from flows.report import ingest_summary, run_pulse
 
 embed_task = task(embed_chunk, name="embed-chunk", cache_policy=NO_CACHE)
-write_task = task(write_chunk, name="write-chunk", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=2)
+write_task = task(write_chunk, name="write-chunk", cache_policy=NO_CACHE, **STORE_RETRIES)
 embed_texts_task = task(embed_texts, name="embed-chunk-remote", cache_policy=NO_CACHE, retries=2,
                         retry_delay_seconds=5)  # a lost Dask worker
 encoder_info_task = task(encoder_info, name="encoder-info", cache_policy=NO_CACHE)

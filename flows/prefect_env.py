@@ -19,6 +19,8 @@ from decapflow.config import home
 EPHEMERAL_OFF = ("SCHEDULER", "LATE_RUNS", "FOREMAN", "CANCELLATION_CLEANUP", "PAUSE_EXPIRATIONS", "REPOSSESSOR",
                  "TRIGGERS", "DB_VACUUM", "CLEANUP_RECONCILER", "EVENT_LOGGER")
 MODES = ("auto", "on", "off")
+# Tasks that read or write the store retry with these delays (an object store has bad seconds, not bad hours).
+STORE_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
 
 
 class PrefectUnavailable(RuntimeError):

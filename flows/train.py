@@ -18,10 +18,9 @@ from prefect.runtime import flow_run
 
 from decapflow.bank.memory import Registry
 from decapflow.lifecycle.training import retrain_due, train_bank
+from flows.prefect_env import STORE_RETRIES
 from flows.report import gate_scoreboard, run_pulse, training_artifacts
 from flows.slots import training_slot
-
-STORE_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}  # object stores have bad seconds
 
 
 @task(name="bank-version", cache_policy=NO_CACHE, **STORE_RETRIES)

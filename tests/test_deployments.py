@@ -5,104 +5,21 @@ captions with the new decoder, no restart and no failed request."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.prefect_server import BIN, ROOT, SET_PARAMETERS, Prefect
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 TINY_STRONG = {"epochs": 150, "batch_size": 8, "lr": 1e-2, "warmup_steps": 10, "val_fraction": 0.0, "patience": None}
 TINY_WEAK = {"epochs": 1, "max_steps": 1, "batch_size": 8, "lr": 1e-4, "val_fraction": 0.0}
-
-
-class Prefect:
-    """A Prefect server on 127.0.0.1 with its own home, and helpers to run the CLI against it."""
-
-    def __init__(self, tmp_path: Path, decapflow_home: Path) -> None:
-        port = free_port()
-        self.api = f"http://127.0.0.1:{port}/api"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_SERVER_SERVICES_")}
-        self.env = {**env, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": self.api,
-                    "DECAPFLOW_PROJECT_DIR": str(ROOT), "DECAPFLOW_HOME": str(decapflow_home),
-                    "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2",
-                    "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                    "HF_HUB_OFFLINE": "1"}
-        self.log = tmp_path / "prefect-server.log"
-        tmp_path.mkdir(parents=True, exist_ok=True)
-        self.server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                                        str(port)], env=self.env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
-        self.worker: subprocess.Popen | None = None
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and self.server.poll() is None:
-            try:
-                urllib.request.urlopen(self.api + "/health", timeout=1).read()
-                return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError(f"the Prefect server did not start: {self.log.read_text()[-2000:]}")
-
-    def run(self, *args: str, timeout: int = 180, env: dict[str, str] | None = None) -> str:
-        done = subprocess.run([str(BIN / "prefect"), *args], env=env or self.env, cwd=ROOT, capture_output=True,
-                              text=True, timeout=timeout)
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done.stdout
-
-    def python(self, code: str, *args: str, env: dict[str, str] | None = None) -> str:
-        done = subprocess.run([sys.executable, "-c", code, *args], env=env or self.env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=180)
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done.stdout
-
-    def post(self, path: str, body: dict) -> list | dict:
-        request = urllib.request.Request(self.api + path, json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})
-        return json.loads(urllib.request.urlopen(request, timeout=10).read())
-
-    def flow_runs(self, deployment: str) -> list[dict]:
-        (dep,) = [d for d in self.post("/deployments/filter", {}) if d["name"] == deployment]
-        return self.post("/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [dep["id"]]}}})
-
-    def wait_for_runs(self, deployment: str, count: int, timeout: float = 240) -> list[dict]:
-        """Until ``count`` runs of ``deployment`` ended; fails on a run that failed."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            runs = self.flow_runs(deployment)
-            assert not [r for r in runs if r["state_type"] in ("FAILED", "CRASHED")], runs
-            done = [r for r in runs if r["state_type"] == "COMPLETED"]
-            if len(done) >= count:
-                return done
-            time.sleep(1)
-        raise AssertionError(f"{deployment}: {count} completed runs expected within {timeout} s; have "
-                             f"{[r['state_type'] for r in self.flow_runs(deployment)]}")
-
-    def events(self, name: str, count: int = 1, timeout: float = 30) -> list[dict]:
-        """Events called ``name``, waiting until there are ``count`` (the server stores events in batches)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = self.post("/events/filter", {"filter": {"event": {"name": [name]}}, "limit": 50})["events"]
-            if len(found) >= count or time.monotonic() > deadline:
-                return found
-            time.sleep(0.5)
-
-    def close(self) -> None:
-        for proc in (self.worker, self.server):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
 
 
 @pytest.fixture
@@ -129,21 +46,6 @@ def test_deploy_all_and_run_ingest_through_a_worker(prefect: Prefect) -> None:
     (event,) = prefect.events("decapflow.bank.updated")
     assert event["resource"]["prefect.resource.id"] == "decapflow.bank.world"
     assert event["payload"]["rows_added"] == 21106
-
-
-SET_PARAMETERS = """
-import asyncio, json, sys
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import DeploymentUpdate
-
-async def main(name, parameters):
-    async with get_client() as client:
-        deployment = await client.read_deployment_by_name(name)
-        await client.update_deployment(deployment.id, DeploymentUpdate(
-            parameters={**deployment.parameters, **json.loads(parameters)}))
-
-asyncio.run(main(*sys.argv[1:]))
-"""
 
 
 @pytest.mark.slow
@@ -231,3 +133,47 @@ def test_ingest_event_triggers_a_gated_retrain_that_a_running_server_picks_up(
     served = [decoder for _, decoder in answers]
     assert set(served) <= {weak, new} and served[-1] == new and weak in served
     print(f"\ningest -> new decoder serving: {serving_s:.1f} s; {len(answers)} requests, all 200")
+
+
+LONG_TINY = {"epochs": 150, "batch_size": 1, "lr": 1e-3, "warmup_steps": 10, "val_fraction": 0.0, "patience": None}
+
+
+@pytest.mark.slow
+def test_trainings_of_different_banks_overlap_and_of_one_bank_do_not(
+        prefect: Prefect, trained_home: Path, decapflow_home: Path, tmp_path: Path, tiny_encoder_spec: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    shutil.copytree(trained_home, decapflow_home)
+    monkeypatch.setenv("DECAPFLOW_HOME", str(decapflow_home))
+    from decapflow.bank.ingest import run_ingest
+    from tests.conftest import SENTENCES
+
+    corpus = tmp_path / "more-shapes.txt"
+    corpus.write_text("\n".join(SENTENCES) + "\n")
+    run_ingest(corpus, "shapes2", tiny_encoder_spec)
+    for pool in ("cpu", "gpu"):
+        prefect.run("work-pool", "create", pool, "--type", "process")
+    prefect.run("--no-prompt", "deploy", "--all")
+    prefect.python(SET_PARAMETERS, "decapflow-train/train-cpu",
+                   json.dumps({"config": "tiny", "recipe": LONG_TINY, "log_every_s": 1.0}))
+    for bank in ("shapes", "shapes", "shapes2"):  # all three at once; the machine allows 2 trainings (2 CPUs)
+        prefect.run("deployment", "run", "decapflow-train/train-cpu", "-p", f"bank={bank}")
+    prefect.worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "cpu"], env=prefect.env,
+                                      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = prefect.wait_for_runs("train-cpu", 3, timeout=400)
+    assert sorted(r["name"] for r in runs) == ["train-shapes", "train-shapes", "train-shapes2"]
+
+    def interval(task_run: dict) -> tuple[datetime, datetime]:
+        return datetime.fromisoformat(task_run["start_time"]), datetime.fromisoformat(task_run["end_time"])
+
+    trainings = prefect.task_runs("train-shapes", "train-shapes2")
+    same = sorted(interval(t) for t in trainings if t["name"] == "train-shapes")
+    (other,) = [interval(t) for t in trainings if t["name"] == "train-shapes2"]
+    assert len(same) == 2 and same[0][1] <= same[1][0], same  # one bank: one after the other
+    overlap = max(min(other[1], s[1]) - max(other[0], s[0]) for s in same).total_seconds()
+    assert overlap > 0, (other, same)  # two banks: side by side
+    logs = prefect.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [r["id"] for r in runs]}}, "limit": 200})
+    messages = [log["message"] for log in logs]
+    assert sum(m.startswith("validation after epoch") for m in messages) >= 3
+    assert any(m.startswith("slots acquired after") for m in messages)
+    print(f"\ntwo banks overlapped {overlap:.1f} s; one bank's trainings ran "
+          f"{(same[1][0] - same[0][1]).total_seconds():.1f} s apart")
