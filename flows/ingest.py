@@ -73,17 +73,18 @@ def ingest_flow(
     embed on Dask (through the flow's DaskTaskRunner when it has one, else with dask.distributed directly).
     Each committed chunk is a line in the run's log; the run leaves ``ingest-BANK`` (a summary) and
     ``ingest-BANK-progress``."""
-    bank = bank_name_for(Path(path), memory)
+    pulse = run_pulse("ingest", bank_name_for(Path(path), memory))
     common = dict(chunk_size=chunk_size, batch_size=batch_size, fmt=fmt, field=field, errors=errors, device=device,
-                  progress=progress, write=write_task, pulse=run_pulse("ingest", bank))
+                  progress=progress, write=write_task, pulse=pulse)
     on_dask = type(FlowRunContext.get().task_runner).__name__ == "DaskTaskRunner"
     if (workers or cluster) and on_dask:
-        spec = encoder_for(bank, encoder, store)
+        spec = encoder_for(bank_name_for(Path(path), memory), encoder, store)
         remote = TaskEmbedder(spec, device, batch_size, window=2 * (workers or 2))
         report = run_ingest(path, memory, encoder, store, remote=remote, **common)
     else:
         report = run_ingest(path, memory, encoder, store, embed=embed_task, workers=workers, cluster=cluster,
                             **common)
+    pulse.say(report.summary(), 1.0)
     ingest_summary(report.to_dict())
     return report.to_dict()
 

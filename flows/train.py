@@ -53,9 +53,10 @@ def _train(bank: str, config: str, recipe: dict[str, Any] | None, store: str | N
             logger.info("bank %s at version %s: %s", bank, version, reason)
             if not trained:
                 return {"bank": bank, "bank_version": version, "trained": False, "reason": reason}
+        pulse = run_pulse("train", bank, log_every_s)
         result = train_task(bank, config, recipe or {}, store, resume, progress, gate=gate, metric=metric,
-                            margin=margin, version=version, pulse=run_pulse("train", bank, log_every_s))
-    logger.info(result["summary"])
+                            margin=margin, version=version, pulse=pulse)
+    pulse.say(result["summary"], 1.0)  # done, stopped early or not
     training_artifacts(result)
     gate_scoreboard(result["decision"], time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()))
     return {**result, "trained": True, "reason": reason, "slot_wait_seconds": round(waited, 2)}
