@@ -39,7 +39,7 @@ def caption_run_name() -> str:
 
 
 @flow(name="decapflow-caption", flow_run_name=caption_run_name)
-def caption_flow(images: str, memory: str, output_dir: str, strategy: str = "pd", decoder: str | None = None,
+def caption_flow(images: str, memory: str, output_dir: str, strategy: str = "auto", decoder: str | None = None,
                  store: str | None = None, batch_size: int = 256, frames: int = DEFAULT_FRAMES) -> dict[str, Any]:
     """Caption every image and video under ``images`` with bank ``memory`` (a video from the mean embedding of
     ``frames`` frames sampled uniformly over it); writes captions.jsonl, captions.coco.json (when the file names
@@ -68,7 +68,7 @@ def caption_flow(images: str, memory: str, output_dir: str, strategy: str = "pd"
         pass  # file names without ids: no COCO results file
     manifest = {"images": images, "bank": memory, "bank_version": captioner.bank.version,
                 "encoder": captioner.bank.encoder,
-                "decoder": captioner.decoder_path.name if captioner.decoder_path else None, "options": asdict(options), "captioned": len(captions),
+                "decoder": captioner.decoder_path.name if captioner.decoder_path else None, "options": asdict(options), "strategy": captioner.strategy, "captioned": len(captions),
                 "videos": sum(map(is_video, paths)), "frames": frames,
                 "failed": [asdict(f) for f in failures], "files": files,
                 "seconds": round(time.perf_counter() - start, 2)}

@@ -7,8 +7,8 @@ the top supporting bank sentences and their weights, so a user sees why a captio
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +51,13 @@ class Caption:
         return asdict(self)
 
 
+#: The strategy "auto" picks: the best one the bank allows (:meth:`Captioner.default_strategy`).
+AUTO = "auto"
+
+
 @dataclass(frozen=True)
 class Options:
-    strategy: str = "pd"
+    strategy: str = AUTO
     tau: float = 0.01
     k: int = 64  # neighbours for ``topk``
     beam: int = 1
@@ -130,11 +134,27 @@ class Captioner:
         return other
 
     def _checked(self, options: Options) -> Options:
-        if options.strategy not in projection.STRATEGIES:
-            raise ValueError(f"unknown strategy {options.strategy!r}; choose from {projection.STRATEGIES}")
+        if options.strategy not in (AUTO, *projection.STRATEGIES):
+            raise ValueError(f"unknown strategy {options.strategy!r}; choose from {(AUTO, *projection.STRATEGIES)}")
         if self.decoder is None and options.strategy != "clipre":
             raise ValueError(f"strategy {options.strategy!r} needs a decoder")
         return options
+
+    def default_strategy(self) -> str:
+        """What ``auto`` runs: ``rerank`` when the bank has a recorded mean image embedding (it crosses the modality
+        gap), else DeCap's ``pd``."""
+        return "rerank" if self.image_mean is not None else "pd"
+
+    @property
+    def strategy(self) -> str:
+        """The strategy that runs (``auto`` resolved)."""
+        return self.default_strategy() if self.options.strategy == AUTO else self.options.strategy
+
+    def resolved(self) -> Captioner:
+        """This captioner with ``auto`` replaced by the strategy it stands for."""
+        if self.options.strategy != AUTO:
+            return self
+        return self.with_options(replace(self.options, strategy=self.default_strategy()))
 
     @property
     def text_mean(self) -> np.ndarray:
@@ -166,6 +186,8 @@ class Captioner:
             return self._caption_embeddings(image_vectors)
 
     def _caption_embeddings(self, image_vectors: np.ndarray) -> list[Caption]:
+        if self.options.strategy == AUTO:
+            return self.resolved()._caption_embeddings(image_vectors)
         o = self.options
         if o.strategy == "clipre":
             ids, sims = projection.nearest(image_vectors, self.vectors, k=o.n_support)
@@ -178,8 +200,13 @@ class Captioner:
         return [Caption(text, o.strategy, sup) for text, sup in zip(texts, support, strict=True)]
 
     def prefixes(self, image_vectors: np.ndarray) -> tuple[np.ndarray, list[list[tuple[str, float]]]]:
-        """The strategy's decoder prefixes [B, D] and, per image, the bank sentences behind them."""
+        """The strategy's decoder prefixes [B, D] and, per image, the bank sentences behind them (not for
+        ``rerank``, which decodes several candidates per image)."""
+        if self.options.strategy == AUTO:
+            return self.resolved().prefixes(image_vectors)
         o = self.options
+        if o.strategy in ("rerank", "clipre"):
+            raise ValueError(f"strategy {o.strategy!r} has no single prefix per image")
         if o.strategy == "pd":
             p = projection.project(image_vectors, self.vectors, tau=o.tau, n_support=o.n_support)
             return p.vectors, [self._support(i, w) for i, w in zip(p.support_ids, p.support_weights, strict=True)]
@@ -193,19 +220,43 @@ class Captioner:
             return self._shifted(image_vectors), support
         return projection.identity(image_vectors), support  # vd
 
-    def _rerank(self, image_vectors: np.ndarray) -> list[Caption]:
-        """Decode candidate prefixes (pd, nnd, ms, blends of pd and ms), keep the caption CLIP ranks first."""
+    def candidate_prefixes(self, image_vectors: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
+        """Prefixes [B, D] of the named rerank candidates (:data:`~decapflow.caption.modality.CANDIDATES`):
+        ``pd`` (``pd@TAU`` for another temperature), ``nnd``, ``ms``, ``vd`` and blends ``pd+msW``."""
         o = self.options
         image_vectors = np.atleast_2d(image_vectors)
-        shifted = self._shifted(image_vectors)
-        p = projection.project(image_vectors, self.vectors, tau=o.tau, n_support=o.n_support)
-        ids, _ = projection.nearest(image_vectors, self.vectors, k=1)
-        names = ["pd", "nnd", "ms", *(f"pd+ms{w:g}" for w in modality.BLENDS)]
-        prefixes = [p.vectors, np.asarray(self.vectors[ids[:, 0]], dtype=np.float32), shifted,
-                    *(modality.blend(p.vectors, shifted, w) for w in modality.BLENDS)]
+        made: dict[str, np.ndarray] = {}
+
+        def get(name: str) -> np.ndarray:
+            if name not in made:
+                if name == "pd" or name.startswith("pd@"):
+                    tau = float(name[3:]) if name.startswith("pd@") else o.tau
+                    made[name] = projection.project(image_vectors, self.vectors, tau=tau, n_support=0).vectors
+                elif name == "nnd":
+                    ids, _ = projection.nearest(image_vectors, self.vectors, k=1)
+                    made[name] = np.asarray(self.vectors[ids[:, 0]], dtype=np.float32)
+                elif name == "ms":
+                    made[name] = self._shifted(image_vectors)
+                elif name == "vd":
+                    made[name] = projection.identity(image_vectors)
+                elif name.startswith("pd+ms"):
+                    made[name] = modality.blend(get("pd"), get("ms"), float(name[5:]))
+                else:
+                    raise ValueError(f"unknown rerank candidate {name!r}")
+            return made[name]
+
+        return [get(name) for name in names]
+
+    def _rerank(self, image_vectors: np.ndarray, names: Sequence[str] | None = None) -> list[Caption]:
+        """Decode the candidate prefixes of every image in one batched decode ([C x B] prefixes), embed the distinct
+        captions with the CLIP text encoder, keep per image the caption closest to the image."""
+        o = self.options
+        names = list(names or modality.CANDIDATES)
+        image_vectors = np.atleast_2d(image_vectors)
+        prefixes = self.candidate_prefixes(image_vectors, names)
         batch, count = len(image_vectors), len(prefixes)
         texts = self.decoder.decode_texts(np.concatenate(prefixes), self.vocab, max_len=o.max_len, beam=o.beam,
-                                          batch_size=max(o.batch_size, 1))
+                                          batch_size=max(o.batch_size, 1) * count)
         by_image = [[texts[c * batch + b] for c in range(count)] for b in range(batch)]  # [B][C]
         distinct = sorted({t for row in by_image for t in row})
         embedded = dict(zip(distinct, self.encoder.encode_text(distinct), strict=True))
@@ -263,42 +314,65 @@ def resolve_decoder(bank: str, decoder: str | None, allow_paths: bool = True, st
     return folder
 
 
-def caption_paths(captioner: Captioner, paths: Sequence[Path], progress: bool = False, frames: int | None = None
-                  ) -> tuple[list[Caption], list[Any]]:
-    """Caption image and video files in batches; unreadable ones are skipped and returned as failures.
-
-    A video (:func:`decapflow.caption.video.is_video`) is captioned from the re-normalised mean CLIP embedding of
-    ``frames`` frames sampled uniformly over it (default :data:`decapflow.caption.video.DEFAULT_FRAMES`)."""
+def embed_paths(captioner: Captioner, paths: Sequence[Path], frames: int | None = None, progress: bool = False
+                ) -> Iterator[tuple[list[Path], np.ndarray, list[Any]]]:
+    """Image and video files in batches of ``options.batch_size``: (readable paths, their unit CLIP embeddings,
+    failures). A video's embedding is the re-normalised mean of ``frames`` frames sampled uniformly over it."""
     from decapflow.caption.images import ImageFailure
     from decapflow.caption.video import DEFAULT_FRAMES, embed_media, load_media
 
-    captions: list[Caption] = []
-    failures: list[ImageFailure] = []
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(paths), desc=f"caption ({captioner.options.strategy})", unit=" file",
-                   dynamic_ncols=True)
+        bar = tqdm(total=len(paths), desc=f"caption ({captioner.strategy})", unit=" file", dynamic_ncols=True)
     step = max(1, captioner.options.batch_size)
-    for start in range(0, len(paths), step):
-        batch = paths[start : start + step]
-        loaded = [(p, load_media(p, captioner.encoder, frames or DEFAULT_FRAMES, batch_size=step)) for p in batch]
-        good = [(p, im) for p, im in loaded if not isinstance(im, ImageFailure)]
-        failures.extend(im for _, im in loaded if isinstance(im, ImageFailure))
+    try:
+        for start in range(0, len(paths), step):
+            batch = paths[start : start + step]
+            loaded = [(p, load_media(p, captioner.encoder, frames or DEFAULT_FRAMES, batch_size=step)) for p in batch]
+            good = [(p, im) for p, im in loaded if not isinstance(im, ImageFailure)]
+            failed = [im for _, im in loaded if isinstance(im, ImageFailure)]
+            vectors = (embed_media(captioner.encoder, [im for _, im in good], step) if good
+                       else np.zeros((0, captioner.bank.dim), np.float32))
+            yield [p for p, _ in good], vectors, failed
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def caption_paths(captioner: Captioner, paths: Sequence[Path], progress: bool = False, frames: int | None = None,
+                  image_mean: str | None = None) -> tuple[list[Caption], list[Any]]:
+    """Caption image and video files in batches; unreadable ones are skipped and returned as failures.
+
+    ``image_mean="batch"``: use the mean embedding of these files themselves as the domain's image mean (for
+    ``ms``, ``rerank`` and ``auto``; transductive: every caption then depends on the whole batch). All files are
+    embedded first, then captioned."""
+    if image_mean not in (None, "batch"):
+        raise ValueError(f"image_mean must be None or 'batch', not {image_mean!r}")
+    captions: list[Caption] = []
+    failures: list[Any] = []
+    batches = embed_paths(captioner, paths, frames, progress)
+    if image_mean == "batch":
+        batches = list(batches)
+        vectors = [v for _, v, _ in batches if len(v)]
+        if vectors:
+            mean = np.concatenate(vectors).astype(np.float64).mean(axis=0).astype(np.float32)
+            captioner = copy.copy(captioner)
+            captioner.image_mean = modality.ImageMean(mean, sum(map(len, vectors)), captioner.bank.encoder,
+                                                      "the captioned files themselves (transductive)")
+    for good, vectors, failed in batches:
+        failures.extend(failed)
         if good:
-            vectors = embed_media(captioner.encoder, [im for _, im in good], step)
-            for (path, _), cap in zip(good, captioner.caption_embeddings(vectors), strict=True):
+            for path, cap in zip(good, captioner.caption_embeddings(vectors), strict=True):
                 cap.image = str(path)
                 captions.append(cap)
-        if bar is not None:
-            bar.update(len(batch))
-    if bar is not None:
-        bar.close()
     return captions, failures
 
 
-def caption_images(inputs: Sequence[str | Path], memory: str, strategy: str = "pd", *, decoder: str | None = None,
+def caption_images(inputs: Sequence[str | Path], memory: str, strategy: str = AUTO, *, decoder: str | None = None,
                    store: str | None = None, device: str | None = None, frames: int | None = None,
                    errors: str = "raise") -> list[Caption]:
     """Caption image and video files against bank ``memory`` with ``strategy`` (see

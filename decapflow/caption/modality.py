@@ -32,6 +32,8 @@ from decapflow.errors import BankError
 
 #: ``rerank``'s blends of the ``pd`` prefix with the ``ms`` prefix: normalize((1 - a) * pd + a * ms).
 BLENDS = (0.25, 0.5, 0.75)
+#: ``rerank``'s candidates, decoded together (``Captioner.candidate_prefixes`` names the others it can make).
+CANDIDATES: tuple[str, ...] = ("pd", "nnd", "ms", *(f"pd+ms{w:g}" for w in BLENDS))
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -88,21 +90,33 @@ class ImageMean:
 def image_mean(encoder: Any, images: Sequence[Any], encoder_spec: str, source: str = "",
                batch_size: int = 64) -> ImageMean:
     """The mean of the unit CLIP embeddings of ``images`` (PIL images or preprocessed tensors)."""
+    return mean_of(embed_images(encoder, images, batch_size), encoder_spec, source)
+
+
+def embed_images(encoder: Any, images: Sequence[Any], batch_size: int = 64) -> np.ndarray:
     if not images:
         raise ValueError("no images to estimate the mean image embedding from")
-    vectors = encoder.encode_image(list(images), batch_size)
-    return ImageMean(vectors.astype(np.float64).mean(axis=0).astype(np.float32), len(images), encoder_spec, source)
+    return encoder.encode_image(list(images), batch_size)
+
+
+def mean_of(vectors: np.ndarray, encoder_spec: str, source: str = "") -> ImageMean:
+    """The :class:`ImageMean` of unit image embeddings [N, D]."""
+    return ImageMean(np.asarray(vectors, np.float64).mean(axis=0).astype(np.float32), len(vectors), encoder_spec,
+                     source)
 
 
 def record_image_mean(bank: Any, encoder: Any, images: Sequence[Any], source: str = "",
-                      store: Store | str | None = None, text_mean: np.ndarray | None = None) -> tuple[ImageMean, float]:
+                      store: Store | str | None = None, text_mean: np.ndarray | None = None
+                      ) -> tuple[ImageMean, float, np.ndarray]:
     """Embed ``images`` of ``bank``'s domain with ``encoder`` (the bank's), record their mean for the bank and return
-    it with the modality gap it shows against the bank's text mean (``text_mean``, when the caller has it)."""
-    mean = image_mean(encoder, images, bank.encoder, source=source)
+    it with the modality gap it shows against the bank's text mean (``text_mean``, when the caller has it) and the
+    images' embeddings [N, D] (the gate keeps some: ``decapflow.lifecycle.gate.add_domain_eval_set``)."""
+    vectors = embed_images(encoder, images)
+    mean = mean_of(vectors, bank.encoder, source=source)
     save_image_mean(bank.name, mean, store)
     if text_mean is None:
         text_mean = rows_mean(bank.vector_cache()[0])
-    return mean, gap(mean.vector, text_mean)
+    return mean, gap(mean.vector, text_mean), vectors
 
 
 def _path(store: Store, bank: str) -> str:

@@ -295,7 +295,8 @@ def memory_eval_set(name: str, annotations: Path | None, images: Path | None, sp
 @click.option("--device", help="cpu, cuda ...")
 @store_option
 def memory_image_mean(name: str, images: tuple[str, ...], limit: int, device: str | None, store: str | None) -> None:
-    """Record the mean CLIP embedding of images of bank NAME's domain, for --strategy ms and rerank.
+    """Record the mean CLIP embedding of images of bank NAME's domain, for --strategy ms and rerank (and auto,
+    the default, which then runs rerank); up to 300 of the images are kept as the gate's domain set.
 
     CLIP's images and texts lie in two cones (the modality gap); mean-shift (ms) moves an image by the offset
     between the image mean recorded here and the bank's text mean, and rerank uses that as one of its candidates.
@@ -307,6 +308,7 @@ def memory_image_mean(name: str, images: tuple[str, ...], limit: int, device: st
     from decapflow.caption.images import ImageFailure, collect_paths, load_image
     from decapflow.caption.modality import record_image_mean
     from decapflow.encoders import load_encoder
+    from decapflow.lifecycle.gate import add_domain_eval_set
 
     bank = Registry(store).open(name)
     paths = collect_paths(images)[:limit]
@@ -316,9 +318,12 @@ def memory_image_mean(name: str, images: tuple[str, ...], limit: int, device: st
         click.echo(f"skipped {failure.path}: {failure.reason}", err=True)
     if not good:
         raise click.ClickException("no readable images")
-    mean, gap = record_image_mean(bank, load_encoder(bank.encoder, device), good, ", ".join(images), store)
+    mean, gap, vectors = record_image_mean(bank, load_encoder(bank.encoder, device), good, ", ".join(images), store)
+    domain = add_domain_eval_set(bank, vectors, ", ".join(images), store)
     click.echo(f"bank {name!r}: mean image embedding of {mean.images} images recorded; modality gap "
-               f"|mu_img - mu_txt| = {gap:.3f}")
+               f"|mu_img - mu_txt| = {gap:.3f}. Captions now default to --strategy rerank, and the gate scores "
+               f"challengers on {domain.info['images']} of these images (CLIPScore, set {domain.id}) unless the bank "
+               f"has an annotated image set.")
 
 
 @memory.command("import")

@@ -17,14 +17,19 @@ from decapflow.cli.base import THREADS_HELP, echo_json, json_option, main, store
 @main.command()
 @click.argument("images", nargs=-1, required=True)
 @click.option("--memory", "-m", required=True, help="The bank to project onto (and whose decoder to use).")
-@click.option("--strategy", type=click.Choice(list(STRATEGIES)), default="pd",
+@click.option("--strategy", type=click.Choice(["auto", *STRATEGIES]), default="auto",
               show_default=True,
-              help="pd: projection onto the whole bank (DeCap), exact; topk: projection onto the k nearest rows, "
+              help="auto: rerank when the bank has a recorded mean image embedding (or with --image-mean batch), "
+                   "else pd (stderr says which ran). pd: projection onto the whole bank (DeCap), exact; topk: projection onto the k nearest rows, "
                    "exact below 200k rows, APPROXIMATE above (neighbours from the bank's IVF index, built on first use "
                    "or by 'decapflow memory index'); nnd: nearest bank embedding; vd: the raw image embedding; "
                    "clipre: the nearest bank sentence; ms: the image moved across the modality gap (mean shift); "
                    "rerank: pd, nnd, ms and blends of pd with ms decoded, the caption CLIP ranks closest to the image "
                    "kept (ms and rerank need 'decapflow memory image-mean' once).")
+@click.option("--image-mean", type=click.Choice(["recorded", "batch"]), default="recorded", show_default=True,
+              help="The domain's mean image embedding for ms, rerank and auto: the bank's recorded one "
+                   "('decapflow memory image-mean'), or 'batch': the mean of the files captioned now "
+                   "(transductive: each caption then depends on the whole batch; give it dozens of images or more).")
 @click.option("--tau", default=0.01, show_default=True, help="Projection temperature.")
 @click.option("--k", default=64, show_default=True, help="Neighbours for --strategy topk.")
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
@@ -49,7 +54,8 @@ from decapflow.cli.base import THREADS_HELP, echo_json, json_option, main, store
                    "loading models here; --decoder then takes a decoder id (ID or BANK/ID).")
 @click.option("--api-key", envvar="DECAPFLOW_API_KEY", help="The server's API key (for --server).")
 @store_option
-def caption(images: tuple[str, ...], memory: str, strategy: str, tau: float, k: int, precision: str, beam: int,
+def caption(images: tuple[str, ...], memory: str, strategy: str, image_mean: str, tau: float, k: int,
+            precision: str, beam: int,
             max_len: int,
             decoder_id: str | None, fmt: str, output: Path | None, annotations: Path | None, batch_size: int,
             frames: int, device: str | None, server: str | None, api_key: str | None, store: str | None) -> None:
@@ -74,6 +80,8 @@ def caption(images: tuple[str, ...], memory: str, strategy: str, tau: float, k: 
     if not paths:
         raise click.ClickException("no images or videos found")
     if server:
+        if image_mean == "batch":
+            raise click.UsageError("--image-mean batch needs the files here; it does not go with --server")
         from decapflow.serve.client import ServeClient
 
         params = {"memory": memory, "decoder": decoder_id, "strategy": strategy, "tau": tau, "k": k, "beam": beam,
@@ -89,8 +97,16 @@ def caption(images: tuple[str, ...], memory: str, strategy: str, tau: float, k: 
         options = Options(strategy=strategy, tau=tau, k=k, beam=beam, max_len=max_len, batch_size=batch_size)
         captioner = Captioner.for_bank(memory, options, decoder=decoder_id, store=store, device=device,
                                        precision=precision)
+        batch_mean = image_mean == "batch"
+        if strategy == "auto":
+            click.echo(f"strategy: {'rerank' if batch_mean else captioner.strategy} (auto: "
+                       + ("the mean image embedding of these files, transductive" if batch_mean else
+                          f"bank {memory!r} has a recorded mean image embedding" if captioner.image_mean else
+                          f"bank {memory!r} has no mean image embedding; record one with 'decapflow memory "
+                          f"image-mean {memory} --images DIR' for rerank, or pass --image-mean batch") + ")",
+                       err=True)
         captions, failures = caption_paths(captioner, paths, progress=output is not None or len(paths) > batch_size,
-                                           frames=frames)
+                                           frames=frames, image_mean="batch" if batch_mean else None)
     text = render(captions, fmt, annotations)
     if output:
         output.write_text(text, encoding="utf-8")
@@ -123,8 +139,9 @@ def _bank_sizes(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--results", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Score an existing COCO results file ([{image_id, caption}]) instead of captioning.")
 @click.option("--memory", "-m", help="Bank (and its current decoder) for --images.")
-@click.option("--strategy", type=click.Choice(list(STRATEGIES)), default="pd",
-              show_default=True, help="Strategy for --images (see decapflow caption --help).")
+@click.option("--strategy", type=click.Choice(["auto", *STRATEGIES]), default="auto",
+              show_default=True, help="Strategy for --images (see decapflow caption --help; auto: rerank when the "
+                                      "bank has a mean image embedding, else pd).")
 @click.option("--compare-strategies", is_flag=True,
               help="Run pd, topk, nnd, vd and clipre on the same images, and ms and rerank when the bank has a mean "
                    "image embedding (decapflow memory image-mean).")
@@ -192,6 +209,7 @@ def evaluate_command(annotations: Path, images: Path | None, results: Path | Non
                                   device=device)
         if compare_strategies and base.image_mean is None:
             strategies = [s for s in strategies if s not in ("ms", "rerank")]
+        strategies = [base.strategy if s == "auto" else s for s in strategies]  # the table names what ran
         if bank_sizes:
             _memory_size_study(base, annotations, images, bank_sizes, seed, strategies, metrics, split, limit,
                                output_dir or _default_eval_dir(memory), as_json)

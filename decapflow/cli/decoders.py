@@ -9,8 +9,9 @@ import click
 from decapflow.cli.banks import run_maybe_in_prefect
 from decapflow.cli.base import THREADS_HELP, Group, echo_json, json_option, main, store_option
 
-GATE_METRICS = ("text.cider", "text.bleu4", "text.exact", "images.cider")  # decapflow.lifecycle.gate.METRICS (no torch here)
-SHOWN = ("cider", "bleu4", "exact")
+GATE_METRICS = ("text.cider", "text.bleu4", "text.exact", "images.cider",
+                "domain.clipscore")  # decapflow.lifecycle.gate.METRICS (no torch here)
+SHOWN = ("cider", "bleu4", "exact", "clipscore")
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -25,8 +26,12 @@ SHOWN = ("cider", "bleu4", "exact")
 @click.option("--lr", type=float, help="Peak learning rate (default 1e-3; the paper's recipe uses 1e-5).")
 @click.option("--paper", is_flag=True, help="The paper's recipe: lr 1e-5, 1,000 warm-up steps, 10 epochs, "
                                             "no early stopping (for COCO-sized banks on a GPU).")
+@click.option("--noise-cos", type=click.FloatRange(0, 1, min_open=True),
+              help="Prefix noise in training (CapDec-style, so the decoder tolerates where image embeddings land), "
+                   "as the expected cosine between a noisy and a clean prefix, whatever the embedding width; "
+                   "1 = off. Default: the recipe's.")
 @click.option("--noise", type=float, default=0.0, show_default=True,
-              help="Std of Gaussian noise on the prefix during training (CapDec-style); 0 = off.")
+              help="The same noise as a per-dimension std (width-dependent; overrides --noise-cos); 0 = off.")
 @click.option("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present; bf16 autocast on CUDA).")
 @click.option("--threads", type=click.IntRange(min=1), help=THREADS_HELP)
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same data: same decoder.")
@@ -35,8 +40,10 @@ SHOWN = ("cider", "bleu4", "exact")
               help="Make the new decoder current only if it beats the current one on the bank's evaluation set "
                    "(by --margin); otherwise it is kept as 'rejected'. Without --gate it becomes current anyway.")
 @click.option("--metric", type=click.Choice(["auto", *GATE_METRICS]), default="auto", show_default=True,
-              help="Gate metric. auto: images.cider when the bank has an image evaluation set, else text.cider "
-                   "(held-out sentences rebuilt from their own embeddings).")
+              help="Gate metric. auto: images.cider when the bank has an annotated image set (captioned with the "
+                   "default strategy); else domain.clipscore when it has unlabelled images ('memory image-mean': "
+                   "CLIPScore of their captions); else text.cider (held-out sentences rebuilt from their own "
+                   "embeddings).")
 @click.option("--margin", type=float, default=0.0, show_default=True,
               help="How much the new decoder must beat the current one by on --metric.")
 @click.option("--prefect", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
@@ -44,7 +51,7 @@ SHOWN = ("cider", "bleu4", "exact")
 @store_option
 @json_option
 def train(memory: str, config: str, epochs: int | None, max_steps: int | None, batch_size: int | None,
-          lr: float | None, paper: bool, noise: float, device: str | None, threads: int | None, seed: int,
+          lr: float | None, paper: bool, noise_cos: float | None, noise: float, device: str | None, threads: int | None, seed: int,
           resume: bool, gate: bool, metric: str, margin: float, prefect: str, store: str | None,
           as_json: bool) -> None:
     """Train a DeCap decoder on a memory bank, text only, and make it the bank's current decoder (with --gate:
@@ -67,7 +74,11 @@ def train(memory: str, config: str, epochs: int | None, max_steps: int | None, b
     base = TrainRecipe.paper() if paper else TrainRecipe()
     overrides = {k: v for k, v in {"epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "lr": lr,
                                    "device": device, "num_threads": threads}.items() if v is not None}
-    recipe = {**base.to_dict(), **overrides, "seed": seed, "noise_std": noise}
+    recipe = {**base.to_dict(), **overrides, "seed": seed}
+    if noise:
+        recipe.update(noise_std=noise, noise_cos=None)
+    elif noise_cos is not None:
+        recipe.update(noise_std=0.0, noise_cos=None if noise_cos == 1 else noise_cos)
     result, overhead = run_maybe_in_prefect("train", prefect, bank=memory, config=config, recipe=recipe,
                                             store=store, resume=resume, progress=not as_json, gate=gate,
                                             metric=metric, margin=margin)
@@ -109,10 +120,14 @@ def decoder_list(memory: str, store: str | None, as_json: bool) -> None:
         recipe = r.get("recipe") or {}
         scores = "  ".join(f"{set_id}: " + " ".join(f"{k} {v:.3f}" for k, v in s.items() if k in SHOWN)
                            for set_id, s in r["scores"].items()) or "not scored"
+        noise = (f" noise cos {recipe['noise_cos']:g}" if recipe.get("noise_cos") is not None else
+                 f" noise std {recipe['noise_std']:g}" if recipe.get("noise_std") else " no noise")
+        decision = r.get("decision") or {}
+        decided = (f"  decided by {decision['metric']} on {decision['eval_set']}" if decision else "")
         click.echo(f"{'*' if r['current'] else ' '} {r['id']}  {'current' if r['current'] else r['status']:<10}  "
                    f"bank v{r.get('bank_version', '?')}  {r.get('config', r.get('source', ''))}  "
-                   f"parent {r['parent'] or '-'}  {scores}"
-                   + (f"  recipe lr {recipe.get('lr')} epochs {recipe.get('epochs')}" if recipe else ""))
+                   f"parent {r['parent'] or '-'}  {scores}{decided}"
+                   + (f"  recipe lr {recipe.get('lr')} epochs {recipe.get('epochs')}{noise}" if recipe else ""))
 
 
 def _bank_of(decoder_id: str, memory: str | None, store: str | None) -> tuple[str, str]:

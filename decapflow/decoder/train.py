@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,64 +37,10 @@ from decapflow.decoder.checkpoint import load_decoder, replace_dir, write_decode
 from decapflow.decoder.distributed import Dist
 from decapflow.decoder.model import DeCapDecoder, DecoderConfig, load_config
 from decapflow.decoder.plot import plot_losses
+from decapflow.decoder.recipe import TrainRecipe, TrainResult, noise_std_for
 from decapflow.decoder.vocab import Captions, Texts, Vocab, prepare
 from decapflow.errors import TrainingDiverged
 from decapflow.progress import Pulse
-
-
-@dataclass
-class TrainRecipe:
-    """How to train. The defaults are measured for small corpora (~5-20k sentences) on CPU with decap-small
-    (``benchmarks/reconstruction.py``): lr 1e-3, 100 warm-up steps, batch 64 (more steps per minute beat larger
-    batches there; lr 3e-4 learns far slower, 2e-3 no better). :meth:`paper` is the paper's COCO recipe (lr 1e-5,
-    1,000 warm-up steps, batch 128, 10 epochs), meant for ~500k sentences on a GPU."""
-
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    weight_decay: float = 0.01  # on matrices only (not biases, LayerNorms)
-    label_smoothing: float = 0.1
-    max_tokens: int = 20  # caption ids incl. <start>/<end>, cut like the official code
-    val_fraction: float = 0.05
-    seed: int = 0
-    patience: int | None = 3  # epochs without a better validation loss before stopping; None: never
-    max_steps: int | None = None
-    noise_std: float = 0.0  # CapDec-style Gaussian noise on the prefix, then re-normalised; 0: off
-    grad_clip: float = 1.0
-    device: str | None = None  # None: decapflow.config.default_device()
-    amp: str = "auto"  # bf16 autocast: "auto" (see use_bf16), "bf16" (always) or "off"
-    num_threads: int | None = None  # CPU threads; None: $DECAPFLOW_THREADS, else a fair share (decapflow.cpu)
-
-    @classmethod
-    def paper(cls, **overrides: Any) -> TrainRecipe:
-        """DeCap's recipe: AdamW lr 1e-5 (no weight decay), 1,000 warm-up steps then linear decay, batch 128,
-        10 epochs, label smoothing 0.1, 20 tokens, no noise, no gradient clipping, no early stopping."""
-        base = cls(epochs=10, batch_size=128, lr=1e-5, warmup_steps=1000, weight_decay=0.0, patience=None,
-                   grad_clip=0.0)
-        return replace(base, **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainRecipe:
-        known = {f.name for f in fields(cls)}
-        if unknown := sorted(set(data) - known):
-            raise ValueError(f"unknown recipe keys {unknown}; known: {sorted(known)}")
-        return cls(**data)
-
-
-@dataclass
-class TrainResult:
-    out_dir: Path
-    best: Path  # checkpoint folder with the lowest validation loss
-    last: Path
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best_epoch: int = -1
-    best_val_loss: float = math.inf
-    stopped_early: bool = False
-    steps: int = 0
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -201,6 +147,7 @@ class _Trainer:
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else nullcontext
         self.state = _State()
         self.plotted = -math.inf
+        self.noise_std = noise_std_for(recipe, data.vectors.shape[1])  # training only: evaluate() adds none
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def save(self, improved: bool) -> None:
@@ -253,8 +200,8 @@ class _Trainer:
                 break
             cpu.tick()
             prefix, inputs, targets = self.data.batch(order[b * r.batch_size : (b + 1) * r.batch_size])
-            if r.noise_std > 0:
-                prefix = F.normalize(prefix + r.noise_std * torch.randn(prefix.shape, generator=noise), dim=-1)
+            if self.noise_std > 0:
+                prefix = F.normalize(prefix + self.noise_std * torch.randn(prefix.shape, generator=noise), dim=-1)
             n = int((targets != -100).sum())
             prefix, inputs, targets = (t.to(self.device, non_blocking=True) for t in (prefix, inputs, targets))
             for group in self.optimizer.param_groups:

@@ -189,13 +189,15 @@ def record_image_mean(captioner: Any, log: Callable[[str], None] = print) -> Any
     captioner's bank, as ``decapflow memory image-mean`` would, and return it."""
     from corpora.world import UNLABELLED_SEED, make_split, render
     from decapflow.caption.modality import record_image_mean
+    from decapflow.lifecycle.gate import add_domain_eval_set
 
     scenes = [scene for scene, _ in make_split(UNLABELLED_IMAGES, UNLABELLED_SEED, n_captions=1)]
-    mean, gap = record_image_mean(captioner.bank, captioner.encoder, [render(scene) for scene in scenes],
-                                  f"world split {UNLABELLED_SEED}, {UNLABELLED_IMAGES} unlabelled images",
-                                  text_mean=captioner.text_mean)
-    log(f"recorded the mean embedding of {UNLABELLED_IMAGES} unlabelled world images (for ms and rerank); "
-        f"modality gap {gap:.3f}")
+    source = f"world split {UNLABELLED_SEED}, {UNLABELLED_IMAGES} unlabelled images"
+    mean, gap, vectors = record_image_mean(captioner.bank, captioner.encoder, [render(scene) for scene in scenes],
+                                           source, text_mean=captioner.text_mean)
+    add_domain_eval_set(captioner.bank, vectors, source)
+    log(f"recorded the mean embedding of {UNLABELLED_IMAGES} unlabelled world images (for ms, rerank and the "
+        f"default strategy; the gate's domain set); modality gap {gap:.3f}")
     return mean
 
 

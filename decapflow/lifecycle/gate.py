@@ -8,8 +8,16 @@ A bank too small to spare 10 rows scores on up to 100 of its sentences *without*
 (``held_out: false``): enough to tell a decoder that learnt from one that did not, not a generalisation score.
 
 An **image** evaluation set (``decapflow memory eval-set BANK --annotations COCO.json --images DIR``) is copied
-into the store and scored by captioning its images with projection decoding (``pd``): CIDEr against the
-references.
+into the store and scored by captioning its images with the default strategy (what users get: ``rerank`` when
+the bank has a mean image embedding, else ``pd``): CIDEr against the references.
+
+A **domain** set is what a bank without annotated images has of its images: the unlabelled ones behind
+``decapflow memory image-mean`` (their embeddings, at most ``MAX_DOMAIN``, are kept beside the mean). It is scored
+by reference-free CLIPScore (Hessel et al., EMNLP 2021: ``2.5 * max(cos(image, caption), 0)``, averaged) of the
+default strategy's captions. Gating on it judges a decoder on image-like inputs, not on how well it rebuilds exact
+text embeddings: a gap-tolerant decoder may do the second a little worse and the first much better. ``auto``
+picks, in order: ``images.cider``, ``domain.clipscore``, ``text.cider``. (CLIPScore uses the bank's own CLIP,
+which ``rerank`` also ranks with: it rewards a decoder whose candidates hold a caption CLIP finds closer.)
 
 A challenger replaces the current decoder (the champion) only when ``challenger - champion >= margin`` and
 ``challenger > champion`` on the gate metric, both scored on the same set; scores are kept per decoder and set,
@@ -34,13 +42,15 @@ from decapflow.bank.store import Store, get_store
 from decapflow.decoder.registry import Decoders, decoders, utc_now
 from decapflow.errors import BankError
 
-__all__ = ["METRICS", "Decision", "EvalSet", "add_image_eval_set", "decide", "drop_eval_sets", "eval_sets",
+__all__ = ["METRICS", "Decision", "EvalSet", "add_domain_eval_set", "add_image_eval_set", "decide", "drop_eval_sets",
+           "eval_sets",
            "held_out_texts",
            "score_decoder", "text_eval_set"]
 
 MAX_TEXT = 500  # held-out sentences per bank at most
 MIN_HELD_OUT = 10  # fewer than this to spare: score on training sentences instead
-METRICS = ("text.cider", "text.bleu4", "text.exact", "images.cider")
+METRICS = ("text.cider", "text.bleu4", "text.exact", "images.cider", "domain.clipscore")
+MAX_DOMAIN = 300  # unlabelled domain images kept for the gate
 SCHEMA = pa.schema([
     ("bank", pa.string()), ("id", pa.string()), ("kind", pa.string()), ("created", pa.string()),
     ("bank_version", pa.int64()), ("held_out", pa.bool_()), ("hashes", pa.list_(pa.string())),
@@ -52,7 +62,7 @@ SCHEMA = pa.schema([
 class EvalSet:
     bank: str
     id: str
-    kind: str  # "text" | "images"
+    kind: str  # "text" | "images" | "domain"
     created: str
     bank_version: int
     held_out: bool
@@ -147,6 +157,31 @@ def add_image_eval_set(bank: MemoryBank, annotations: Path, images: Path, store:
     return _record(store, EvalSet(bank.name, set_id, "images", utc_now(), bank.version, True, info=info))
 
 
+def add_domain_eval_set(bank: MemoryBank, vectors: np.ndarray, source: str, store: Store | str | None = None
+                        ) -> EvalSet:
+    """Keep the unit CLIP embeddings of (at most ``MAX_DOMAIN``, evenly spread) unlabelled images of ``bank``'s
+    domain as its ``domain`` evaluation set (``_evalsets/<bank>/<id>/vectors.npy``); the same images again are
+    the same set."""
+    import io
+
+    store = get_store(store)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if len(vectors) > MAX_DOMAIN:
+        vectors = vectors[np.linspace(0, len(vectors) - 1, MAX_DOMAIN).round().astype(int)]
+    set_id = f"domain-{len(vectors)}-{hashlib.sha256(vectors.tobytes()).hexdigest()[:10]}"
+    for existing in eval_sets(bank.name, store):
+        if existing.id == set_id:
+            return existing
+    folder = store.path("_evalsets", bank.name, set_id)
+    store.fs.create_dir(folder, recursive=True)
+    buffer = io.BytesIO()
+    np.save(buffer, vectors, allow_pickle=False)
+    with store.fs.open_output_stream(f"{folder}/vectors.npy") as out:
+        out.write(buffer.getvalue())
+    return _record(store, EvalSet(bank.name, set_id, "domain", utc_now(), bank.version, True,
+                                  info={"images": len(vectors), "source": source}))
+
+
 def drop_eval_sets(bank: str, store: Store | str | None = None) -> int:
     """Forget ``bank``'s evaluation sets (records and copied files), e.g. with the bank itself."""
     store = get_store(store)
@@ -177,7 +212,6 @@ def _score_text(model: Any, vocab: Any, bank: MemoryBank, evalset: EvalSet) -> d
 
 
 def _score_images(captioner: Any, store: Store, evalset: EvalSet) -> dict[str, float]:
-    from decapflow.caption.captioner import Options
     from decapflow.caption.images import load_image
     from decapflow.config import cache_dir
     from decapflow.evaluation.evaluate import score_captions
@@ -190,9 +224,21 @@ def _score_images(captioner: Any, store: Store, evalset: EvalSet) -> dict[str, f
     local_images = local / "images"
     refs = json.loads((local / "references.json").read_text())
     files = sorted(refs["files"])
-    captions = captioner.with_options(Options(strategy="pd")).caption([load_image(local_images / f) for f in files])
+    captions = captioner.caption([load_image(local_images / f) for f in files])
     predictions = {refs["files"][f]: c.caption for f, c in zip(files, captions, strict=True)}
     return {"cider": score_captions(refs["references"], predictions, metrics=("cider",))["CIDEr"]}
+
+
+def _score_domain(captioner: Any, store: Store, evalset: EvalSet) -> dict[str, float]:
+    """Mean CLIPScore (2.5 * max(cos, 0)) of the captions of the set's unlabelled image embeddings."""
+    import io
+
+    with store.fs.open_input_stream(store.path("_evalsets", evalset.bank, evalset.id, "vectors.npy")) as stream:
+        vectors = np.load(io.BytesIO(stream.read()), allow_pickle=False)
+    captions = [c.caption for c in captioner.caption_embeddings(vectors)]
+    texts = captioner.encoder.encode_text(captions)
+    cosines = np.sum(np.asarray(vectors, np.float32) * np.asarray(texts, np.float32), axis=1)
+    return {"clipscore": float(2.5 * np.maximum(cosines, 0.0).mean())}
 
 
 def score_decoder(bank: MemoryBank, decoder_id: str, evalset: EvalSet, store: Store | str | None = None,
@@ -202,8 +248,13 @@ def score_decoder(bank: MemoryBank, decoder_id: str, evalset: EvalSet, store: St
     record = reg.record(bank.name, decoder_id)
     if record is None:
         raise BankError(f"bank {bank.name!r} has no decoder {decoder_id!r}")
-    if evalset.id in record["scores"]:
-        return record["scores"][evalset.id]
+    from decapflow.caption.modality import load_image_mean
+
+    mean = load_image_mean(bank.name, bank.encoder, store) if evalset.kind != "text" else None
+    strategy = "text" if evalset.kind == "text" else ("rerank" if mean is not None else "pd")  # what users get
+    cached = record["scores"].get(evalset.id)
+    if cached is not None and cached.get("strategy", "pd" if evalset.kind == "images" else "text") == strategy:
+        return cached  # scored before, the same way (a newly recorded image mean changes the way)
     from decapflow.caption.captioner import Captioner, check_decoder_encoder
     from decapflow.decoder.checkpoint import load_decoder
     from decapflow.encoders import load_encoder
@@ -215,9 +266,12 @@ def score_decoder(bank: MemoryBank, decoder_id: str, evalset: EvalSet, store: St
     if evalset.kind == "text":
         scores = _score_text(model, vocab, bank, evalset)
     else:
-        scores = _score_images(Captioner(load_encoder(bank.encoder, device), bank, model, vocab), reg.store, evalset)
+        captioner = Captioner(load_encoder(bank.encoder, device), bank, model, vocab)
+        captioner.image_mean = mean
+        score = _score_images if evalset.kind == "images" else _score_domain
+        scores = score(captioner, reg.store, evalset)
     scores = {**{k: round(v, 6) for k, v in scores.items()}, "n": len(evalset.hashes) or evalset.info["images"],
-              "seconds": round(time.perf_counter() - start, 2)}
+              "strategy": strategy, "seconds": round(time.perf_counter() - start, 2)}
     reg.update(bank.name, decoder_id, scores={evalset.id: scores})
     return scores
 
@@ -253,14 +307,18 @@ class Decision:
 
 def _metric_set(bank: MemoryBank, metric: str, store: Store) -> tuple[str, EvalSet]:
     if metric == "auto":
-        metric = "images.cider" if _find(bank.name, "images", store) else "text.cider"
+        metric = ("images.cider" if _find(bank.name, "images", store) else
+                  "domain.clipscore" if _find(bank.name, "domain", store) else "text.cider")
     if metric not in METRICS:
         raise ValueError(f"unknown gate metric {metric!r}; choose from auto, {', '.join(METRICS)}")
-    kind = metric.split(".")[0].removesuffix("s")
-    evalset = text_eval_set(bank, store) if kind == "text" else _find(bank.name, "images", store)
-    if evalset is None:
+    kind = metric.split(".")[0]
+    evalset = text_eval_set(bank, store) if kind == "text" else _find(bank.name, kind, store)
+    if evalset is None and kind == "images":
         raise BankError(f"bank {bank.name!r} has no image evaluation set; add one with: decapflow memory eval-set "
                         f"{bank.name} --annotations COCO.json --images DIR")
+    if evalset is None:
+        raise BankError(f"bank {bank.name!r} has no domain images; record them with: decapflow memory image-mean "
+                        f"{bank.name} --images DIR")
     return metric, evalset
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from decapflow.bank.memory import MemoryBank, Registry
 from decapflow.caption.captioner import Captioner, Options, check_decoder_encoder, resolve_decoder
+from decapflow.caption.modality import load_image_mean
 from decapflow.config import default_device
 from decapflow.decoder.checkpoint import load_decoder
 from decapflow.decoder.registry import decoders
@@ -77,6 +78,7 @@ class CaptionerPool:
             fresh = Captioner(load_encoder(bank.encoder, self.device), bank, model, vocab,
                               Options() if model is not None else Options(strategy="clipre"))
             fresh.decoder_path = folder
+            fresh.image_mean = load_image_mean(bank_name, bank.encoder, self.registry.store)  # ms, rerank, auto
             self.loads += 1
             mine = [k for k in self._captioners if k[0] == bank_name]
             fresh_keys = [k for k in mine if self._captioners[k].bank_version == bank.version]

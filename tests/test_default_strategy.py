@@ -1,0 +1,116 @@
+"""The default strategy (``auto``): ``rerank`` when the bank has a mean image embedding (recorded, or the batch's own
+with ``--image-mean batch``), else ``pd``; named in the CLI's output, the results and the API. The rerank
+candidates decode in one batch exactly as one by one; the gate scores a bank with only unlabelled images on
+their CLIPScore; prefix noise is given as a cosine whatever the width."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from decapflow.bank.memory import Registry
+from decapflow.caption.captioner import Captioner, Options
+from decapflow.caption.modality import CANDIDATES, ImageMean, rows_mean, save_image_mean
+from decapflow.cli import main
+
+
+def record_mean(bank_name: str = "shapes") -> None:
+    bank = Registry().open(bank_name)
+    save_image_mean(bank_name, ImageMean(rows_mean(bank.vector_cache()[0]), 8, bank.encoder))
+
+
+def test_auto_runs_pd_without_an_image_mean_and_rerank_with_one(own_home: Path) -> None:
+    vectors = np.asarray(Registry().open("shapes").vector_cache()[0][:3])
+    plain = Captioner.for_bank("shapes")
+    assert plain.options.strategy == "auto" and plain.strategy == "pd"
+    assert {c.strategy for c in plain.caption_embeddings(vectors)} == {"pd"}
+    record_mean()
+    gapped = Captioner.for_bank("shapes")
+    assert gapped.strategy == "rerank"
+    assert {c.strategy for c in gapped.caption_embeddings(vectors)} == {"rerank"}
+    assert Captioner.for_bank("shapes", Options(strategy="pd")).strategy == "pd"  # asked for: kept
+
+
+def test_the_cli_says_which_strategy_ran(own_home: Path, images: Path) -> None:
+    runner = CliRunner()
+    out = runner.invoke(main, ["caption", "--memory", "shapes", str(images), "--format", "jsonl"])
+    assert out.exit_code == 0, out.output
+    assert "strategy: pd (auto: bank 'shapes' has no mean image embedding" in out.stderr
+    assert {json.loads(line)["strategy"] for line in out.stdout.splitlines()} == {"pd"}
+    batch = runner.invoke(main, ["caption", "--memory", "shapes", str(images), "--format", "jsonl",
+                                 "--image-mean", "batch"])
+    assert batch.exit_code == 0, batch.output
+    assert "strategy: rerank (auto: the mean image embedding of these files, transductive)" in batch.stderr
+    assert {json.loads(line)["strategy"] for line in batch.stdout.splitlines()} == {"rerank"}
+    record_mean()
+    recorded = runner.invoke(main, ["caption", "--memory", "shapes", str(images), "--format", "jsonl"])
+    assert "strategy: rerank (auto: bank 'shapes' has a recorded mean image embedding)" in recorded.stderr
+    assert {json.loads(line)["strategy"] for line in recorded.stdout.splitlines()} == {"rerank"}
+
+
+def test_the_api_defaults_to_auto_and_names_what_ran(own_home: Path, images: Path, serve_app) -> None:
+    record_mean()
+    url = serve_app()
+    with httpx.Client(base_url=url, timeout=60) as client, (images / "img_000007.png").open("rb") as f:
+        response = client.post("/v1/captions", data={"memory": "shapes"}, files=[("images", ("a.png", f))])
+    assert response.status_code == 200, response.text
+    assert response.json()["results"][0]["strategy"] == "rerank"
+
+
+def test_candidates_decoded_together_give_the_captions_decoded_one_by_one(own_home: Path) -> None:
+    record_mean()
+    captioner = Captioner.for_bank("shapes", Options(strategy="rerank"))
+    rng = np.random.default_rng(0)
+    images = np.asarray(Registry().open("shapes").vector_cache()[0][:5]) + rng.normal(0, 0.05, (5, 32))
+    images = (images / np.linalg.norm(images, axis=1, keepdims=True)).astype(np.float32)
+    prefixes = captioner.candidate_prefixes(images, CANDIDATES)
+    together = captioner.decoder.decode_texts(np.concatenate(prefixes), captioner.vocab, batch_size=64)
+    one_by_one = [t for p in prefixes for row in p for t in captioner.decoder.decode_texts(row[None], captioner.vocab)]
+    assert together == one_by_one
+    ranked = captioner._rerank(images)
+    by_candidate = [together[c * 5:(c + 1) * 5] for c in range(len(CANDIDATES))]
+    assert all(r.caption in {by_candidate[c][b] for c in range(len(CANDIDATES))} for b, r in enumerate(ranked))
+
+
+def test_a_bank_with_only_unlabelled_images_gates_on_their_clipscore(own_home: Path, images: Path) -> None:
+    from decapflow.decoder.registry import decoders
+    from decapflow.lifecycle.gate import decide, eval_sets
+    from decapflow.lifecycle.training import train_bank
+
+    out = CliRunner().invoke(main, ["memory", "image-mean", "shapes", "--images", str(images)])
+    assert out.exit_code == 0, out.output
+    assert "the gate scores challengers on 3 of these images (CLIPScore" in out.output
+    (domain,) = [s for s in eval_sets("shapes") if s.kind == "domain"]
+    weak = train_bank("shapes", "tiny", {"epochs": 1, "max_steps": 1, "batch_size": 8, "val_fraction": 0.0},
+                      progress=False, gate=True)
+    decision = weak["decision"]
+    assert decision["metric"] == "domain.clipscore" and decision["eval_set"] == domain.id
+    record = decoders().record("shapes", weak["decoder"])
+    scores = record["scores"][domain.id]
+    assert scores["strategy"] == "rerank" and 0.0 <= scores["clipscore"] <= 2.5 and scores["n"] == 3
+    again = decide("shapes", weak["decoder"], metric="domain.clipscore")  # scored once, then read back
+    assert again.challenger_score == pytest.approx(scores["clipscore"])
+    listing = CliRunner().invoke(main, ["decoder", "list", "shapes"])
+    assert f"decided by domain.clipscore on {domain.id}" in listing.output and "no noise" in listing.output
+
+
+@pytest.mark.parametrize("dim", [32, 96, 512])
+@pytest.mark.parametrize("cosine", [0.9, 0.7, 0.4])
+def test_prefix_noise_given_as_a_cosine_lands_at_that_cosine_whatever_the_width(dim: int, cosine: float) -> None:
+    from decapflow.decoder.recipe import TrainRecipe, noise_std_for
+
+    std = noise_std_for(TrainRecipe(noise_cos=cosine), dim)
+    clean = F.normalize(torch.randn(4000, dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    noisy = F.normalize(clean + std * torch.randn(clean.shape, generator=torch.Generator().manual_seed(1)), dim=-1)
+    assert float((clean * noisy).sum(-1).mean()) == pytest.approx(cosine, abs=0.02 if dim >= 96 else 0.04)
+    assert math.isclose(noise_std_for(TrainRecipe(noise_std=0.1), dim), 0.1)
+    with pytest.raises(ValueError, match="not both"):
+        TrainRecipe(noise_cos=cosine, noise_std=0.1)
