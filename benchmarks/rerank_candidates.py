@@ -33,6 +33,9 @@ SETS = {
     "pd vd": ("pd", "vd"),
     "pd ms vd": ("pd", "ms", "vd"),
     "pd pd@0.02 ms": ("pd", "pd@0.02", "ms"),
+    "pd ms clipre": ("pd", "ms", "clipre"),
+    "pd nnd ms clipre": ("pd", "nnd", "ms", "clipre"),
+    "pd ms pd+ms.5 clipre": ("pd", "ms", "pd+ms0.5", "clipre"),
 }
 
 
@@ -42,6 +45,7 @@ def main() -> None:
     parser.add_argument("--decoder")
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=2, help="Timed runs per set (the fastest counts).")
+    parser.add_argument("--sets", help="Only these sets (comma-separated names).")
     args = parser.parse_args()
     from dataclasses import replace
 
@@ -60,7 +64,8 @@ def main() -> None:
     references, ids, vectors, _ = embed_annotated_images(base, folder / "captions.json", folder)
     scenes = load_scenes(folder)
     pd_speed = None
-    for name, candidates in SETS.items():
+    chosen = args.sets.split(",") if args.sets else list(SETS)
+    for name, candidates in ((n, SETS[n]) for n in chosen):
         strategy = name.split()[0] if candidates is None else "rerank"
         captioner = base.with_options(replace(base.options, strategy=strategy))
         best = float("inf")

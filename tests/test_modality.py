@@ -72,7 +72,11 @@ def test_ms_and_rerank_need_a_recorded_image_mean_and_use_it(own_home: Path) -> 
     assert exact >= 0.75 and all(c.strategy == "rerank" for c in ranked)
     first = ranked[0].support  # every candidate, best first, named by where it came from
     assert [s for _, s in first] == sorted((s for _, s in first), reverse=True)
-    assert {name.split(":")[0] for name, _ in first} == {"pd", "nnd", "ms", "pd+ms0.25", "pd+ms0.5", "pd+ms0.75"}
+    assert {name.split(":")[0] for name, _ in first} == {"pd", "ms"}
+    six = Captioner.for_bank("shapes", Options(strategy="rerank", n_support=6))._rerank(
+        np.asarray(vectors[:2]), ("pd", "nnd", "ms", "pd+ms0.5", "vd", "clipre"))
+    assert {name.split(":")[0] for name, _ in six[0].support} == {"pd", "nnd", "ms", "pd+ms0.5", "vd", "clipre"}
+    assert six[1].support[0][0].split(": ", 1)[1] == six[1].caption
     assert ranked[0].caption == first[0][0].split(": ", 1)[1]
 
 

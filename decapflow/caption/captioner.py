@@ -253,14 +253,23 @@ class Captioner:
         o = self.options
         names = list(names or modality.CANDIDATES)
         image_vectors = np.atleast_2d(image_vectors)
-        prefixes = self.candidate_prefixes(image_vectors, names)
+        decoded = [n for n in names if n != "clipre"]  # clipre: the nearest bank sentence, its embedding stored
+        prefixes = self.candidate_prefixes(image_vectors, decoded)
         batch, count = len(image_vectors), len(prefixes)
         texts = self.decoder.decode_texts(np.concatenate(prefixes), self.vocab, max_len=o.max_len, beam=o.beam,
                                           batch_size=max(o.batch_size, 1) * count)
         by_image = [[texts[c * batch + b] for c in range(count)] for b in range(batch)]  # [B][C]
         distinct = sorted({t for row in by_image for t in row})
         embedded = dict(zip(distinct, self.encoder.encode_text(distinct), strict=True))
-        best, scores = modality.rerank(image_vectors, np.stack([[embedded[t] for t in row] for row in by_image]))
+        candidates = np.stack([[embedded[t] for t in row] for row in by_image])  # [B, C, D]
+        if "clipre" in names:
+            ids, _ = projection.nearest(image_vectors, self.vectors, k=1)
+            nearest = np.asarray(self.vectors[ids[:, 0]], dtype=np.float32)[:, None]
+            at = names.index("clipre")
+            candidates = np.concatenate([candidates[:, :at], nearest, candidates[:, at:]], axis=1)
+            for row, i in zip(by_image, ids[:, 0], strict=True):
+                row.insert(at, self._text(i))
+        best, scores = modality.rerank(image_vectors, candidates)
         return [Caption(row[i], "rerank", [(f"{names[c]}: {row[c]}", round(float(s[c]), 4))
                                            for c in np.argsort(-s)[: o.n_support]])
                 for row, i, s in zip(by_image, best, scores, strict=True)]

@@ -24,7 +24,7 @@ from decapflow.cli.base import THREADS_HELP, echo_json, json_option, main, store
                    "exact below 200k rows, APPROXIMATE above (neighbours from the bank's IVF index, built on first use "
                    "or by 'decapflow memory index'); nnd: nearest bank embedding; vd: the raw image embedding; "
                    "clipre: the nearest bank sentence; ms: the image moved across the modality gap (mean shift); "
-                   "rerank: pd, nnd, ms and blends of pd with ms decoded, the caption CLIP ranks closest to the image "
+                   "rerank: pd and ms decoded together, the caption CLIP ranks closer to the image "
                    "kept (ms and rerank need 'decapflow memory image-mean' once).")
 @click.option("--image-mean", type=click.Choice(["recorded", "batch"]), default="recorded", show_default=True,
               help="The domain's mean image embedding for ms, rerank and auto: the bank's recorded one "

@@ -65,6 +65,7 @@ class DemoResult:
     report: Path | None = None
     memory_size: Any = None  # a decapflow.evaluation.memory_size.MemorySizeStudy, when the study ran
     memory_plot: Path | None = None
+    default: str = ""  # the strategy ``decapflow caption`` runs on this bank (auto)
 
     def failed_floors(self) -> list[str]:
         """Every floor in FLOORS this run did not reach (empty: the check passes)."""
@@ -170,7 +171,7 @@ def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> Demo
     examples = [{"image": str(folder / f"world_{i:012d}.png"), "references": experiment.references[i][:2],
                  **{name: run.captions[i].caption for name, run in experiment.runs.items()}}
                 for i in experiment.image_ids[: settings.examples]]
-    extra = {"bank": bank, "bank_rows": report.rows, "decoder": decoder_id, "images": len(experiment.image_ids),
+    extra = {"bank": bank, "default_strategy": base.strategy, "bank_rows": report.rows, "decoder": decoder_id, "images": len(experiment.image_ids),
              "images_per_s": speeds(experiment), "timings_s": {k: round(v, 1) for k, v in timings.items()},
              "attribute columns": "attr-*: F1 of the colours/shapes/counts/sizes/whole objects named (x100)"}
     _, md_path = write_report(table, home() / "demo", extra, name=name)
@@ -181,7 +182,7 @@ def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> Demo
             report_md.write(f"\n## Memory size\n\nThe same images against random subsets of the bank (nested, "
                             f"seed 0), same decoder; x100.\n\n{markdown(study)}\n![memory size]({plot.name})\n")
     (home() / "demo" / f"{name}-examples.json").write_text(json.dumps(examples, indent=1))
-    return DemoResult(table, speeds(experiment), examples, timings, decoder_id, md_path, study, plot)
+    return DemoResult(table, speeds(experiment), examples, timings, decoder_id, md_path, study, plot, base.strategy)
 
 
 def record_image_mean(captioner: Any, log: Callable[[str], None] = print) -> Any:
@@ -215,8 +216,10 @@ def format_result(result: DemoResult) -> str:
     lines += ["", f"{'strategy':<9}" + "".join(f"{c:>12}" for c in present) + f"{'images/s':>10}"]
     for name, row in result.table.items():
         cells = "".join(f"{100 * row[c]:>12.1f}" if c in row else f"{'-':>12}" for c in present)
-        lines.append(f"{name:<9}{cells}{result.speeds[name]:>10.0f}")
-    lines.append("(scores x100; attr-*: F1 of the attributes named vs the scene; images/s after CLIP embedding)")
+        marked = f"{name}*" if name == result.default else name
+        lines.append(f"{marked:<9}{cells}{result.speeds[name]:>10.0f}")
+    lines.append("(scores x100; attr-*: F1 of the attributes named vs the scene; images/s after CLIP embedding; "
+                 "* the default, what 'decapflow caption' runs on this bank)")
     if result.memory_size is not None:
         lines += ["", "Memory size (CIDEr x100 against bank rows; random nested subsets, seed 0, same decoder):"]
         rows = sorted({run.rows for run in result.memory_size.runs})
