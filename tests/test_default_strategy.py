@@ -114,3 +114,38 @@ def test_prefix_noise_given_as_a_cosine_lands_at_that_cosine_whatever_the_width(
     assert math.isclose(noise_std_for(TrainRecipe(noise_std=0.1), dim), 0.1)
     with pytest.raises(ValueError, match="not both"):
         TrainRecipe(noise_cos=cosine, noise_std=0.1)
+
+
+@pytest.mark.slow
+def test_the_domain_gate_promotes_the_decoder_that_captions_world_images_better(decapflow_home: Path,
+                                                                                tmp_path: Path) -> None:
+    """A world bank with only unlabelled images recorded (no annotations): the challenger that names the world
+    images' attributes better is promoted on CLIPScore of the default strategy's captions; the weaker one is not."""
+    from corpora.world import CORPUS_SEED, UNLABELLED_SEED, make_split, render
+    from decapflow.bank.ingest import run_ingest
+    from decapflow.caption.modality import record_image_mean
+    from decapflow.encoders import load_encoder
+    from decapflow.lifecycle.demo import attribute_scores
+    from decapflow.lifecycle.gate import add_domain_eval_set
+    from decapflow.lifecycle.training import train_bank
+
+    corpus = tmp_path / "world.txt"
+    corpus.write_text("".join(texts[0] + "\n" for _, texts in make_split(3000, CORPUS_SEED, n_captions=1)))
+    run_ingest(corpus, "w", "world-gap")
+    bank, encoder = Registry().open("w"), load_encoder("world-gap")
+    unlabelled = [scene for scene, _ in make_split(120, UNLABELLED_SEED, n_captions=1)]
+    _, _, vectors = record_image_mean(bank, encoder, [render(s) for s in unlabelled], "world, unlabelled")
+    add_domain_eval_set(bank, vectors, "world, unlabelled")
+
+    def attributes(decoder: str) -> float:
+        captions = Captioner.for_bank("w", decoder=decoder).caption_embeddings(vectors)
+        return attribute_scores({i: c.caption for i, c in enumerate(captions)}, dict(enumerate(unlabelled)))[
+            "attr-mean"]
+
+    recipe = {"epochs": 1, "batch_size": 64, "val_fraction": 0.02}
+    weak = train_bank("w", "decap-small", {**recipe, "max_steps": 15}, progress=False)  # the first: current
+    strong = train_bank("w", "decap-small", {**recipe, "max_steps": 250}, progress=False, gate=True)
+    assert strong["decision"]["metric"] == "domain.clipscore" and strong["promoted"], strong["summary"]
+    assert attributes(strong["decoder"]) > attributes(weak["decoder"]) + 0.05  # measured 0.58 against 0.49
+    worse = train_bank("w", "decap-small", {**recipe, "max_steps": 15, "seed": 1}, progress=False, gate=True)
+    assert not worse["promoted"], worse["summary"]
