@@ -249,7 +249,12 @@ class Store:
         except ValueError:  # "already exists": another process made it a moment ago
             return self.db.open_table(name)
         if int(table.version) > 1:
-            table.restore(int(table.version) - 1)
+            try:
+                table.restore(int(table.version) - 1)
+            except Exception as error:  # noqa: BLE001
+                if not _conflict(error):
+                    raise
+                return self.db.open_table(name)  # the other creator moved on; its version stands
         return table
 
     # ------------------------------------------------------------------ locks
@@ -306,8 +311,21 @@ class Store:
     def _swap(table: Any, expected: int, holder: str, expires: float, token: int) -> bool:
         row = pa.table({"name": ["lock"], "holder": [holder], "expires": [expires], "token": [token]},
                        schema=LOCK_SCHEMA)
-        result = table.merge_insert("name").when_matched_update_all(where=f"target.token = {expected}").execute(row)
+        try:
+            result = table.merge_insert("name").when_matched_update_all(where=f"target.token = {expected}").execute(row)
+        except Exception as error:  # noqa: BLE001 - lance names no class for it
+            if _conflict(error):  # a concurrent overwrite (the lease table being created): nothing committed
+                return False
+            raise
         return result.num_updated_rows == 1
+
+
+def _conflict(error: Exception) -> bool:
+    """Whether LanceDB refused a commit because of a concurrent one (nothing of this commit landed). Seen on moto's
+    S3: "Incompatible transaction: This Update transaction is incompatible with concurrent transaction Overwrite"
+    when three processes created the lease table and updated it at once."""
+    text = str(error)
+    return "Incompatible transaction" in text or "Commit conflict" in text or "concurrent transaction" in text
 
 
 @lru_cache(maxsize=16)
