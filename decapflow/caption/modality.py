@@ -30,8 +30,6 @@ import numpy as np
 from decapflow.bank.store import Store, get_store
 from decapflow.errors import BankError
 
-#: ``rerank``'s blends of the ``pd`` prefix with the ``ms`` prefix: normalize((1 - a) * pd + a * ms).
-BLENDS = (0.25, 0.5, 0.75)
 #: ``rerank``'s candidates, decoded together: DeCap's projection and the mean-shifted image. Measured on the demo
 #: world (``benchmarks/rerank_candidates.py``, 200 images): CIDEr 316.9 / 304.1 (plain / --novel) at 0.54-0.73x
 #: pd's speed, against 324.6 / 296.6 at 0.24-0.28x for the six candidates pd, nnd, ms and three pd+ms blends.
@@ -91,13 +89,8 @@ class ImageMean:
                    data.get("source", ""))
 
 
-def image_mean(encoder: Any, images: Sequence[Any], encoder_spec: str, source: str = "",
-               batch_size: int = 64) -> ImageMean:
-    """The mean of the unit CLIP embeddings of ``images`` (PIL images or preprocessed tensors)."""
-    return mean_of(embed_images(encoder, images, batch_size), encoder_spec, source)
-
-
 def embed_images(encoder: Any, images: Sequence[Any], batch_size: int = 64) -> np.ndarray:
+    """The unit CLIP embeddings [N, D] of ``images`` (PIL images or preprocessed tensors)."""
     if not images:
         raise ValueError("no images to estimate the mean image embedding from")
     return encoder.encode_image(list(images), batch_size)
