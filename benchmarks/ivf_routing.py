@@ -1,8 +1,8 @@
-"""Does a LanceDB IVF index route image-like queries to their neighbours? A fast probe of issue 10's ANN gap.
+"""Does a LanceDB IVF index route noise queries (the stress case) to their neighbours? A probe of issue 10's ANN gap.
 
 A LanceDB table of ``--rows`` clustered unit vectors (``--centres`` clusters, default one per 3,100 rows as in
 ``big_bank.py``), written in 200k-row commits, an IVF index per ``--partitions`` value (default 1.24 per cluster, as
-at 6.2M rows) and k-means setting of ``--kmeans`` (rounds,samples-per-partition), and 32 image-like queries (cosine
+at 6.2M rows) and k-means setting of ``--kmeans`` (rounds,samples-per-partition), and 32 noise queries (a text-like vector plus isotropic noise, cosine
 ~0.28 to their best row; ``--queries text`` for caption-like ones). Per index and nprobes it prints recall@64
 against the exact 64 nearest rows (mean, minimum, 10th percentile over the queries), the cosine of the projection
 onto the returned rows to the exact ``pd`` projection (mean, minimum), how many rows came back (k=64 asked), and
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from topk import clustered_rows, image_like_queries, unit_rows  # noqa: E402
+from topk import clustered_rows, noise_queries, unit_rows  # noqa: E402
 
 from decapflow.caption.projection import nearest, project, project_subset  # noqa: E402
 
@@ -49,8 +49,8 @@ def main() -> None:
     parser.add_argument("--kind", choices=["ivf_flat", "ivf_sq"], default="ivf_flat")
     parser.add_argument("--kmeans", nargs="+", default=["10,64", "50,256"], help="rounds,samples-per-partition")
     parser.add_argument("--nprobes", type=int, nargs="+", default=[5, 10, 20])
-    parser.add_argument("--queries", choices=["image", "text"], default="image",
-                        help="image: cosine ~0.28 to the bank; text: fresh rows of a cluster (cosine ~0.8 to its centre)")
+    parser.add_argument("--queries", choices=["noise", "text"], default="noise",
+                        help="noise (stress case): cosine ~0.28 to the bank; text: fresh rows of a cluster (cosine ~0.8 to its centre)")
     parser.add_argument("--metric", choices=["cosine", "dot"], default="cosine", help="the index's and the search's")
     parser.add_argument("--two-pass", action="store_true",
                         help="also: search again with each query's projection onto its first hits (a text-like "
@@ -66,7 +66,7 @@ def main() -> None:
     centres_n = args.centres or max(1, args.rows // 3100)
     partition_counts = args.partitions or [max(1, round(centres_n * 1.24))]
     centres = unit_rows(rng.standard_normal((centres_n, 512), dtype=np.float32))
-    queries = (image_like_queries if args.queries == "image" else clustered_rows)(32, centres, rng)
+    queries = (noise_queries if args.queries == "noise" else clustered_rows)(32, centres, rng)
     keep = np.float32 if args.rows <= 2_000_000 else np.float16  # the exact reference's copy (6.3 GB at 6.2M)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         db, table, parts = lancedb.connect(tmp), None, []
