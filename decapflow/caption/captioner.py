@@ -1,7 +1,9 @@
 """Captioner: images -> CLIP image embeddings -> a strategy's prefix vectors -> decoder -> captions.
 
 ``Captioner(encoder, bank, decoder, vocab, strategy).caption(images)`` returns one :class:`Caption` per image with
-the top supporting bank sentences and their weights, so a user sees why a caption came out.
+the top supporting bank sentences and their weights, so a user sees why a caption came out. ``pd`` (and rerank's
+``pd`` candidates) project with numpy on CPU and, when the decoder is on CUDA, through a bank copy held on the GPU
+(:class:`~decapflow.caption.device_projection.BankProjector`, built on first use and shared by ``with_options``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from decapflow import cpu
 from decapflow.bank.memory import BankError, MemoryBank, Registry
 from decapflow.bank.rows import BF16Rows
 from decapflow.caption import modality, projection
-from decapflow.decoder.checkpoint import NoDecoder, current_decoder, find_decoder, load_decoder
+from decapflow.caption.decoders import check_decoder_encoder, resolve_decoder  # noqa: F401  (importable from here)
+from decapflow.caption.device_projection import BankProjector
+from decapflow.decoder.checkpoint import load_decoder
 from decapflow.decoder.model import DeCapDecoder
 from decapflow.decoder.vocab import Vocab
 from decapflow.encoders import Encoder, load_encoder
@@ -70,7 +74,7 @@ class Captioner:
     """Captions images against one memory bank with one decoder (``clipre`` needs no decoder)."""
 
     def __init__(self, encoder: Encoder, bank: MemoryBank, decoder: DeCapDecoder | None, vocab: Vocab | None,
-                 options: Options | None = None, precision: str = "auto") -> None:
+                 options: Options | None = None, precision: str = "auto", projector: str = "auto") -> None:
         self.encoder, self.bank, self.decoder, self.vocab = encoder, bank, decoder, vocab
         self.options = self._checked(options or Options())
         if decoder is not None and decoder.config.prefix_dim != bank.dim:
@@ -79,6 +83,9 @@ class Captioner:
         self.bank_version = bank.version
         self.precision = bank_precision(bank, precision)
         self.vectors, self.texts = bank.vector_cache(self.precision)  # memory-mapped, tied to the bank version
+        #: How ``pd`` projects (device_projection.BACKENDS): on the decoder's device, through a DeviceBank on CUDA.
+        where = decoder.device if decoder is not None else getattr(encoder, "device", "cpu")
+        self.projector = BankProjector(self.vectors, where, projector)
         self.decoder_path: Path | None = None  # where the decoder came from, when loaded from a folder
         #: Bank rows this captioner sees (None: all of them); set by :meth:`restricted`.
         self.row_ids: np.ndarray | None = None
@@ -89,9 +96,11 @@ class Captioner:
 
     @classmethod
     def for_bank(cls, name: str, options: Options | None = None, decoder: str | None = None,
-                 store: str | None = None, device: str | None = None, precision: str = "auto") -> Captioner:
+                 store: str | None = None, device: str | None = None, precision: str = "auto",
+                 projector: str = "auto") -> Captioner:
         """Open bank ``name``, its encoder and its current decoder (or ``decoder``: an id or a folder).
-        ``precision``: of the bank copy the strategies read (see :func:`bank_precision`)."""
+        ``precision``: of the bank copy the strategies read (see :func:`bank_precision`); ``projector``: see
+        :data:`~decapflow.caption.device_projection.BACKENDS`."""
         bank = Registry(store).open(name)
         options = options or Options()
         model = vocab = folder = None
@@ -99,7 +108,7 @@ class Captioner:
             folder = resolve_decoder(name, decoder, store=store)
             model, vocab, meta = load_decoder(folder, device or "cpu")
             check_decoder_encoder(meta, folder, bank)
-        captioner = cls(load_encoder(bank.encoder, device), bank, model, vocab, options, precision)
+        captioner = cls(load_encoder(bank.encoder, device), bank, model, vocab, options, precision, projector)
         captioner.decoder_path = folder
         captioner.image_mean = modality.load_image_mean(name, bank.encoder, store)
         return captioner
@@ -129,6 +138,7 @@ class Captioner:
         else:
             other.vectors = np.ascontiguousarray(self.vectors[ids], dtype=np.float32)
         other.texts = self.texts.take(ids)
+        other.projector = self.projector.subset(other.vectors)
         other._text_mean = None
         other.row_ids = ids if self.row_ids is None else self.row_ids[ids]
         return other
@@ -208,7 +218,7 @@ class Captioner:
         if o.strategy in ("rerank", "clipre"):
             raise ValueError(f"strategy {o.strategy!r} has no single prefix per image")
         if o.strategy == "pd":
-            p = projection.project(image_vectors, self.vectors, tau=o.tau, n_support=o.n_support)
+            p = self.projector.project(image_vectors, tau=o.tau, n_support=o.n_support)
             return p.vectors, [self._support(i, w) for i, w in zip(p.support_ids, p.support_weights, strict=True)]
         if o.strategy == "topk":
             return self._topk(image_vectors)
@@ -231,7 +241,7 @@ class Captioner:
             if name not in made:
                 if name == "pd" or name.startswith("pd@"):
                     tau = float(name[3:]) if name.startswith("pd@") else o.tau
-                    made[name] = projection.project(image_vectors, self.vectors, tau=tau, n_support=0).vectors
+                    made[name] = self.projector.project(image_vectors, tau=tau, n_support=0).vectors
                 elif name == "nnd":
                     ids, _ = projection.nearest(image_vectors, self.vectors, k=1)
                     made[name] = np.asarray(self.vectors[ids[:, 0]], dtype=np.float32)
@@ -299,28 +309,6 @@ class Captioner:
 
     def _support(self, ids: np.ndarray, weights: np.ndarray) -> list[tuple[str, float]]:
         return [(self._text(i), round(float(w), 4)) for i, w in zip(ids, weights, strict=True) if i >= 0]
-
-
-def check_decoder_encoder(meta: dict[str, Any], folder: Path, bank: MemoryBank) -> None:
-    """Refuse a decoder trained on another encoder's embeddings than the bank's."""
-    if meta.get("encoder") not in (None, bank.encoder):
-        raise BankError(f"decoder {folder.name} was trained on embeddings of {meta['encoder']!r}, "
-                        f"bank {bank.name!r} holds {bank.encoder!r}")
-
-
-def resolve_decoder(bank: str, decoder: str | None, allow_paths: bool = True, store: Any = None) -> Path:
-    """A decoder folder: ``decoder`` as a checkpoint folder (when ``allow_paths``; a server does not take paths
-    from its clients) or a registered id (``ID`` or ``BANK/ID``, see :func:`find_decoder`), else the bank's
-    current one."""
-    if decoder:
-        if allow_paths and (Path(decoder) / "model.safetensors").is_file():
-            return Path(decoder)
-        return find_decoder(decoder, bank, store)
-    folder = current_decoder(bank, store)
-    if folder is None:
-        raise NoDecoder(f"bank {bank!r} has no decoder yet; train one with: decapflow train --memory {bank}, "
-                        f"or use strategy 'clipre'")
-    return folder
 
 
 def embed_paths(captioner: Captioner, paths: Sequence[Path], frames: int | None = None, progress: bool = False
