@@ -159,13 +159,17 @@ def part_pd(r: dict[str, Any], s: Sizes, device: torch.device) -> torch.Tensor:
     r["tf32"] = {"min_cos": cos, "same_ids": same, "b64_ms": tf32_s * 1e3}
     log(f"   TF32 allowed: cosine to float32 {cos:.7f}, same support ids {same}, batch 64 {tf32_s * 1e3:.2f} ms")
     ref_rows = min(s.reference_rows, s.rows)
-    start = time.perf_counter()
-    cpu = projection.project(queries[8], host_bits(rows[:ref_rows]), n_support=5)
-    cpu_s = time.perf_counter() - start
-    cos, same = compare(dp.project(queries[8], dp.DeviceBank.from_tensor(rows[:ref_rows]), n_support=5), cpu)
-    r["reference"] = {"rows": ref_rows, "min_cos": cos, "same_ids": same, "cpu_b8_s": cpu_s}
-    log(f"   against numpy on CPU over the first {ref_rows:,} rows (8 queries, {cpu_s:.2f} s there): cosine {cos:.7f}, "
-        f"same support ids {same}")
+    host, head = host_bits(rows[:ref_rows]), dp.DeviceBank.from_tensor(rows[:ref_rows])
+    r["reference"] = {"rows": ref_rows, "min_cos": 1.0, "same_ids": True}
+    for tau in (0.01, 0.001):
+        start = time.perf_counter()
+        cpu = projection.project(queries[8], host, tau=tau, n_support=5)
+        cpu_s = time.perf_counter() - start
+        cos, same = compare(dp.project(queries[8], head, tau=tau, n_support=5), cpu)
+        ref = r["reference"]
+        ref.update(min_cos=min(ref["min_cos"], cos), same_ids=ref["same_ids"] and same, cpu_b8_s=cpu_s)
+        log(f"   against numpy on CPU over the first {ref_rows:,} rows (8 queries, tau {tau}, {cpu_s:.2f} s there): "
+            f"cosine {cos:.7f}, same support ids {same}")
     part_streamed(r.setdefault("streamed", {}), s, device, rows, queries)
     return rows
 
