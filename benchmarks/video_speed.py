@@ -83,7 +83,7 @@ def line(path: str, frames: int, seconds: float, **extra: object) -> dict:
 
 def run(args: argparse.Namespace) -> None:
     from corpora.world_video import write_video_set
-    from decapflow.caption.captioner import caption_paths
+    from decapflow.caption.files import caption_paths
     from decapflow.caption.images import ImageFailure
     from decapflow.caption.video import read_frames
 

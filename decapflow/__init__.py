@@ -36,7 +36,7 @@ _API = {
     "IngestReport": ("decapflow.bank.ingest", "IngestReport"),
     "train_bank": ("decapflow.lifecycle.training", "train_bank"),
     "delete_bank": ("decapflow.lifecycle.deletion", "delete_bank"),
-    "caption_images": ("decapflow.caption.captioner", "caption_images"),
+    "caption_images": ("decapflow.caption.files", "caption_images"),
     "Captioner": ("decapflow.caption.captioner", "Captioner"),
     "Caption": ("decapflow.caption.captioner", "Caption"),
     "Options": ("decapflow.caption.captioner", "Options"),
@@ -51,7 +51,8 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time the names load l
     from decapflow.bank.ingest import IngestReport
     from decapflow.bank.ingest import run_ingest as ingest
     from decapflow.bank.memory import MemoryBank, Registry, open_bank
-    from decapflow.caption.captioner import Caption, Captioner, Options, caption_images
+    from decapflow.caption.captioner import Caption, Captioner, Options
+    from decapflow.caption.files import caption_images
     from decapflow.caption.projection import STRATEGIES
     from decapflow.lifecycle.deletion import delete_bank
     from decapflow.lifecycle.training import train_bank

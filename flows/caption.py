@@ -13,7 +13,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from decapflow.caption.captioner import Captioner, Options, caption_paths
+from decapflow.caption.captioner import Captioner, Options
+from decapflow.caption.files import caption_paths
 from decapflow.caption.images import collect_paths
 from decapflow.caption.video import DEFAULT_FRAMES, MEDIA_SUFFIXES, is_video
 from decapflow.evaluation.results import render

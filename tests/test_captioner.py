@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from decapflow.bank.ingest import run_ingest
 from decapflow.bank.memory import Registry
-from decapflow.caption.captioner import Captioner, Options, caption_paths, resolve_decoder
+from decapflow.caption.captioner import Captioner, Options, resolve_decoder
+from decapflow.caption.files import caption_paths
 from decapflow.caption.images import collect_paths, load_image, trailing_int
 from decapflow.cli import main
 

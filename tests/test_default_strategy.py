@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from PIL import Image
 
 from decapflow.bank.memory import Registry
 from decapflow.caption.captioner import Captioner, Options
@@ -52,8 +53,32 @@ def test_the_cli_says_which_strategy_ran(own_home: Path, images: Path) -> None:
     assert {json.loads(line)["strategy"] for line in batch.stdout.splitlines()} == {"rerank"}
     record_mean()
     recorded = runner.invoke(main, ["caption", "--memory", "shapes", str(images), "--format", "jsonl"])
-    assert "strategy: rerank (auto: bank 'shapes' has a recorded mean image embedding)" in recorded.stderr
+    assert "strategy: rerank (auto: bank 'shapes' has a recorded mean image embedding; candidates pd, ms)" in \
+        recorded.stderr
     assert {json.loads(line)["strategy"] for line in recorded.stdout.splitlines()} == {"rerank"}
+
+
+def test_auto_projects_big_banks_onto_their_nearest_rows(own_home: Path, images: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """From TOPK_MIN_ROWS rows auto runs topk (and rerank's projection candidate is topk): on a big bank of
+    real geometry the whole-bank softmax blends thousands of sentences (benchmarks/big_world.py)."""
+    import decapflow.caption.captioner as captioner_module
+
+    small = Captioner.for_bank("shapes")
+    assert small.strategy == "pd" and small.rerank_candidates() == ("pd", "ms")
+    monkeypatch.setattr(captioner_module, "TOPK_MIN_ROWS", len(small.vectors))
+    big = Captioner.for_bank("shapes")
+    assert big.strategy == "topk" and big.rerank_candidates() == ("topk", "ms")
+    out = CliRunner().invoke(main, ["caption", "--memory", "shapes", str(images), "--format", "jsonl"])
+    assert out.exit_code == 0, out.output
+    assert f"strategy: topk (auto: bank 'shapes' has {len(small.vectors):,} rows" in out.stderr
+    assert {json.loads(line)["strategy"] for line in out.stdout.splitlines()} == {"topk"}
+    record_mean()
+    reranked = Captioner.for_bank("shapes")
+    assert reranked.strategy == "rerank"
+    captions = reranked.caption_embeddings(reranked.encoder.encode_image(
+        [Image.open(p).convert("RGB") for p in sorted(images.glob("*.png"))[:4]]))
+    assert all(c.strategy == "rerank" and c.support[0][0].split(":")[0] in ("topk", "ms") for c in captions)
 
 
 def test_the_api_defaults_to_auto_and_names_what_ran(own_home: Path, images: Path, serve_app) -> None:

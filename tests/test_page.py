@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from decapflow.caption.captioner import Captioner, Options, caption_paths
+from decapflow.caption.captioner import Captioner, Options
+from decapflow.caption.files import caption_paths
 from decapflow.decoder.checkpoint import current_meta
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")

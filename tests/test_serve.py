@@ -15,7 +15,8 @@ from PIL import Image
 
 from decapflow.bank.ingest import run_ingest
 from decapflow.bank.memory import Registry
-from decapflow.caption.captioner import Captioner, Options, caption_paths
+from decapflow.caption.captioner import Captioner, Options
+from decapflow.caption.files import caption_paths
 from decapflow.caption.images import collect_paths
 from decapflow.decoder.checkpoint import (
     current_decoder,

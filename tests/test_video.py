@@ -18,7 +18,8 @@ from PIL import Image
 from corpora.world import make_split
 from corpora.world_video import VIDEO_SEED, render_frames, video_file_name, write_video, write_video_set
 from decapflow.bank.memory import Registry
-from decapflow.caption.captioner import Captioner, Options, caption_paths
+from decapflow.caption.captioner import Captioner, Options
+from decapflow.caption.files import caption_paths
 from decapflow.caption.images import ImageFailure
 from decapflow.caption.video import (
     MAX_FRAMES,

@@ -20,7 +20,7 @@ from decapflow.cli.base import THREADS_HELP, echo_json, json_option, main, store
 @click.option("--strategy", type=click.Choice(["auto", *STRATEGIES]), default="auto",
               show_default=True,
               help="auto: rerank when the bank has a recorded mean image embedding (or with --image-mean batch), "
-                   "else pd (stderr says which ran). pd: projection onto the whole bank (DeCap), exact; topk: projection onto the k nearest rows, "
+                   "else topk on banks of 100k rows or more, else pd (stderr says which ran). pd: projection onto the whole bank (DeCap), exact; topk: projection onto the k nearest rows, "
                    "exact below 200k rows, APPROXIMATE above (neighbours from the bank's IVF index, built on first use "
                    "or by 'decapflow memory index'); nnd: nearest bank embedding; vd: the raw image embedding; "
                    "clipre: the nearest bank sentence; ms: the image moved across the modality gap (mean shift); "
@@ -92,7 +92,8 @@ def caption(images: tuple[str, ...], memory: str, strategy: str, image_mean: str
         with ServeClient(server, api_key, on_retry=retrying) as client:
             captions, failures = client.caption_paths(paths, params, batch_size=min(batch_size, 16))
     else:
-        from decapflow.caption.captioner import Captioner, Options, caption_paths
+        from decapflow.caption.captioner import Captioner, Options
+        from decapflow.caption.files import caption_paths
 
         options = Options(strategy=strategy, tau=tau, k=k, beam=beam, max_len=max_len, batch_size=batch_size)
         captioner = Captioner.for_bank(memory, options, decoder=decoder_id, store=store, device=device,
@@ -101,10 +102,8 @@ def caption(images: tuple[str, ...], memory: str, strategy: str, image_mean: str
         if strategy == "auto":
             click.echo(f"strategy: {'rerank' if batch_mean else captioner.strategy} (auto: "
                        + ("the mean image embedding of these files, transductive" if batch_mean else
-                          f"bank {memory!r} has a recorded mean image embedding" if captioner.image_mean else
-                          f"bank {memory!r} has no mean image embedding; record one with 'decapflow memory "
-                          f"image-mean {memory} --images DIR' for rerank, or pass --image-mean batch") + ")",
-                       err=True)
+                          captioner.auto_reason() + ("" if captioner.image_mean else ", or pass --image-mean batch"))
+                       + ")", err=True)
         captions, failures = caption_paths(captioner, paths, progress=output is not None or len(paths) > batch_size,
                                            frames=frames, image_mean="batch" if batch_mean else None)
     text = render(captions, fmt, annotations)
@@ -141,7 +140,7 @@ def _bank_sizes(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--memory", "-m", help="Bank (and its current decoder) for --images.")
 @click.option("--strategy", type=click.Choice(["auto", *STRATEGIES]), default="auto",
               show_default=True, help="Strategy for --images (see decapflow caption --help; auto: rerank when the "
-                                      "bank has a mean image embedding, else pd).")
+                                      "bank has a mean image embedding, else topk from 100k rows, else pd).")
 @click.option("--compare-strategies", is_flag=True,
               help="Run pd, topk, nnd, vd and clipre on the same images, and ms and rerank when the bank has a mean "
                    "image embedding (decapflow memory image-mean).")

@@ -27,8 +27,8 @@ class CaptionParams(BaseModel):
     decoder: str | None = Field(None, max_length=200, description="A decoder id (ID or BANK/ID); default: the "
                                                                    "bank's current decoder.")
     strategy: Literal["auto", "pd", "topk", "nnd", "vd", "clipre", "ms", "rerank"] = Field(
-        "auto", description="auto: rerank when the bank has a recorded mean image embedding, else pd; each result "
-                            "names the strategy that ran.")
+        "auto", description="auto: rerank when the bank has a recorded mean image embedding, else topk on banks of "
+                            "100k rows or more, else pd; each result names the strategy that ran.")
     tau: float = Field(0.01, gt=0, le=10, description="Projection temperature.")
     k: int = Field(64, ge=1, le=4096, description="Neighbours for strategy topk.")
     beam: int = Field(1, ge=1, le=16, description="Beam width (1 = greedy).")
