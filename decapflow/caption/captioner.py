@@ -22,6 +22,7 @@ from decapflow.bank.rows import BF16Rows
 from decapflow.caption import modality, projection
 from decapflow.caption.decoders import check_decoder_encoder, resolve_decoder  # noqa: F401  (importable from here)
 from decapflow.caption.device_projection import BankProjector
+from decapflow.config import default_device
 from decapflow.decoder.checkpoint import load_decoder
 from decapflow.decoder.model import DeCapDecoder
 from decapflow.decoder.vocab import Vocab
@@ -111,10 +112,11 @@ class Captioner:
         :data:`~decapflow.caption.device_projection.BACKENDS`."""
         bank = Registry(store).open(name)
         options = options or Options()
+        device = default_device(device)  # the encoder, the decoder and pd on one device: cuda when present
         model = vocab = folder = None
         if options.strategy != "clipre":
             folder = resolve_decoder(name, decoder, store=store)
-            model, vocab, meta = load_decoder(folder, device or "cpu")
+            model, vocab, meta = load_decoder(folder, device)
             check_decoder_encoder(meta, folder, bank)
         captioner = cls(load_encoder(bank.encoder, device), bank, model, vocab, options, precision, projector)
         captioner.decoder_path = folder
