@@ -146,6 +146,7 @@ def measure(args: argparse.Namespace, home: Path, figures: dict) -> None:
     from decapflow.caption.captioner import Captioner, Options
     from decapflow.caption.projection import nearest, project, project_subset
     from decapflow.evaluation.evaluate import load_coco_references, score_many
+    from decapflow.lifecycle.demo import attribute_scores
 
     torch.set_num_threads(args.threads)
     captioner = Captioner.for_bank(BANK, Options(strategy="pd"), precision="float32")
@@ -167,9 +168,11 @@ def measure(args: argparse.Namespace, home: Path, figures: dict) -> None:
     def exact_pd(q):
         return project(q, vectors).vectors, None
 
-    def exact_topk(q):
-        near, _ = nearest(q, vectors, k=K)
-        return project_subset(q, vectors, neighbor_ids=near).vectors, near
+    def exact_top(k):
+        def run(q):
+            near, _ = nearest(q, vectors, k=k)
+            return project_subset(q, vectors, neighbor_ids=near).vectors, near if k == K else None
+        return run
 
     def ann(nprobes):
         def run(q):
@@ -181,16 +184,12 @@ def measure(args: argparse.Namespace, home: Path, figures: dict) -> None:
             return prefixes, np.array([[row_of.get(t, -1) for t in row] for row in texts])
         return run
 
-    def exact_top16(q):
-        near, _ = nearest(q, vectors, k=16)
-        return project_subset(q, vectors, neighbor_ids=near).vectors, None
-
     def nnd(q):
         near, _ = nearest(q, vectors, k=1)
         return np.asarray(vectors[near[:, 0]], dtype=np.float32), None
 
-    ways = {"pd": exact_pd, "exact top-k": exact_topk, **{f"topk np{n}": ann(n) for n in args.nprobes},
-            "exact top-16": exact_top16, "nnd": nnd}
+    ways = {"pd": exact_pd, "exact top-k": exact_top(K), **{f"topk np{n}": ann(n) for n in args.nprobes},
+            "exact top-16": exact_top(16), "nnd": nnd}
     results: dict[str, dict] = {}
     exact_ids = {}
     for kind, q in (("images", queries), ("noise", noise)):
@@ -230,8 +229,7 @@ def measure(args: argparse.Namespace, home: Path, figures: dict) -> None:
                "identical_to_exact_topk": kept}
         if kind == "images":
             row["cider"] = scores[key]["CIDEr"] * 100
-            row["attr"] = float(np.mean([world.attribute_accuracy(c, scenes[i])["mean"]
-                                         for c, i in zip(captions[key], ids, strict=True)])) * 100
+            row["attr"] = attribute_scores(dict(zip(ids, captions[key], strict=True)), scenes)["attr-mean"] * 100
         figures[key] = row
         print(f"| {kind} | {name} | {row['ms']:.2f} | {row['speedup']:.1f} | "
               f"{'-' if row['recall'] is None else format(row['recall'], '.3f')} | "
@@ -250,6 +248,7 @@ def reranked(captioner, refs: dict, ids: list[int], queries: np.ndarray, scenes:
     from corpora import world
     from decapflow.caption.modality import record_image_mean
     from decapflow.evaluation.evaluate import score_many
+    from decapflow.lifecycle.demo import attribute_scores
 
     unlabelled = [scene for scene, _ in world.make_split(500, world.UNLABELLED_SEED, n_captions=1)]
     mean, gap, _ = record_image_mean(captioner.bank, captioner.encoder, [world.render(s) for s in unlabelled],
@@ -269,7 +268,7 @@ def reranked(captioner, refs: dict, ids: list[int], queries: np.ndarray, scenes:
           "CIDEr, attr")
     print("| candidates | ms/image | CIDEr | attr |\n|---|---:|---:|---:|")
     for names in sets:
-        attr = float(np.mean([world.attribute_accuracy(c, scenes[i])["mean"] for i, c in runs[names].items()])) * 100
+        attr = attribute_scores(runs[names], scenes)["attr-mean"] * 100
         figures[f"rerank/{'+'.join(names)}"] = {"ms": seconds[names] * 1e3, "cider": scores[names]["CIDEr"] * 100,
                                                 "attr": attr}
         print(f"| {', '.join(names)} | {seconds[names] * 1e3:.1f} | {scores[names]['CIDEr'] * 100:.1f} | {attr:.1f} |")
@@ -279,11 +278,11 @@ def by_size(captioner, refs: dict, ids: list[int], queries: np.ndarray, scenes: 
             ) -> None:
     """pd against the exact top-k projection (and nnd) on nested random subsets of the bank: where does
     truncating the softmax to the 64 nearest rows start to pay?"""
-    from corpora import world
     from decapflow.evaluation.memory_size import parse_sizes, run_study
+    from decapflow.lifecycle.demo import attribute_scores
 
     def attr(captions: dict) -> dict[str, float]:
-        return {"attr": float(np.mean([world.attribute_accuracy(c, scenes[i])["mean"] for i, c in captions.items()]))}
+        return {"attr": attribute_scores(captions, scenes)["attr-mean"]}
 
     study = run_study(captioner, refs, ids, queries, parse_sizes(sizes), strategies=("pd", "topk", "nnd"),
                       metrics=["cider"], extra_scores=attr)

@@ -42,6 +42,9 @@ OPENINGS = (
 )
 ENDINGS = ("", " on a gray background", " on a dark gray background", " against a gray background")
 _CORNERS = {0: "top left", 2: "top right", 6: "bottom left", 8: "bottom right"}
+_COLUMN_WORDS = {0: ["on the left", "on the left side"], 1: ["in the middle column"],
+                 2: ["on the right", "on the right side"]}
+_ROW_WORDS = {0: ["at the top", "in the top row"], 1: ["in the middle row"], 2: ["at the bottom", "in the bottom row"]}
 
 
 def where(cells: Sequence[int]) -> list[str]:
@@ -49,18 +52,9 @@ def where(cells: Sequence[int]) -> list[str]:
     cols = {c % world.GRID for c in cells}
     rows = {c // world.GRID for c in cells}
     out: list[str] = []
-    if cols == {0}:
-        out += ["on the left", "on the left side"]
-    elif cols == {2}:
-        out += ["on the right", "on the right side"]
-    elif cols == {1}:
-        out.append("in the middle column")
-    if rows == {0}:
-        out += ["at the top", "in the top row"]
-    elif rows == {2}:
-        out += ["at the bottom", "in the bottom row"]
-    elif rows == {1}:
-        out.append("in the middle row")
+    for line, words in ((cols, _COLUMN_WORDS), (rows, _ROW_WORDS)):
+        if len(line) == 1:  # every object in one column (row)
+            out += words[next(iter(line))]
     if len(cells) == 1 and cells[0] in _CORNERS:
         out.append(f"in the {_CORNERS[cells[0]]} corner")
     if len(cells) == 1 and cells[0] == 4:

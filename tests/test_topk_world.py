@@ -41,8 +41,9 @@ def test_topk_over_the_index_agrees_with_pd_on_world_images(tmp_path: Path, monk
     assert same_top >= 0.9, same_top  # the sentence each projection leans on most (measured 1.0)
 
     vectors, texts = bank.ann_neighbors(images, 64)
-    row_of = {t: i for i, t in enumerate(Captioner(encoder, bank, decoder, vocab).texts.to_pylist())}
-    exact, _ = nearest(images, bank.vector_cache()[0], k=64)
+    rows, row_texts = bank.vector_cache()
+    row_of = {t: i for i, t in enumerate(row_texts.to_pylist())}
+    exact, _ = nearest(images, rows, k=64)
     recall = np.mean([len({row_of[t] for t in got} & set(e)) / 64 for got, e in zip(texts, exact, strict=True)])
     assert recall > 0.95, recall  # measured 0.999 (77 partitions, nprobes 20)
     # the image's nearest sentences describe it: what real CLIP does, and what isotropic-noise queries lack
