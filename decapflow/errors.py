@@ -13,6 +13,10 @@ class UnknownBank(BankError):
     """No bank of that name exists in the store."""
 
 
+class UnknownVersion(UnknownBank):
+    """The bank exists, but not the version or tag asked for (``BANK@v12``, ``BANK@prod``)."""
+
+
 class UnknownDecoder(ValueError):
     """No registered decoder has that id."""
 

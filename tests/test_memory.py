@@ -79,9 +79,9 @@ def test_search_and_vector_cache(decapflow_home: Path) -> None:
 
 
 def test_vector_cache_streams_in_batches_and_has_a_bfloat16_copy(decapflow_home: Path, monkeypatch) -> None:
-    import decapflow.bank.memory as memory
+    import decapflow.bank.cache as cache
 
-    monkeypatch.setattr(memory, "CACHE_BATCH_ROWS", 16)  # several batches, a partial last one
+    monkeypatch.setattr(cache, "CACHE_BATCH_ROWS", 16)  # several batches, a partial last one
     bank = Registry().create("s", "e", 8)
     vectors = unit(50, 8)
     add(bank, [f"s{i}" for i in range(50)], vectors)

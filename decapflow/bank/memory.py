@@ -29,10 +29,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from decapflow.bank.rows import BF16Rows, vector_rows
+from decapflow.bank import history
+from decapflow.bank.annindex import AnnIndex
+from decapflow.bank.cache import PRECISIONS, VectorCache  # noqa: F401  (PRECISIONS: importable from here)
+from decapflow.bank.refs import BankRef, checkout_version, latest_version
+from decapflow.bank.rows import vector_rows
 from decapflow.bank.store import Store, get_store
-from decapflow.config import cache_dir
-from decapflow.errors import BankError, UnknownBank
+from decapflow.errors import BankError, UnknownBank, UnknownVersion
 
 __all__ = ["BankError", "MemoryBank", "Registry", "SearchHit", "UnknownBank", "bank_schema", "check_name", "open_bank"]
 
@@ -41,8 +44,6 @@ META_ENCODER = b"decapflow.encoder"
 META_DIM = b"decapflow.dim"
 META_ID = b"decapflow.bank_id"
 META_CREATED = b"decapflow.created"
-PRECISIONS = ("float32", "bfloat16")  # of a bank's local vector copy
-CACHE_BATCH_ROWS = 65_536  # rows per batch when streaming a bank into its local copy (128 MiB at 512-d)
 
 
 def check_name(name: str) -> str:
@@ -80,13 +81,17 @@ class SearchHit:
     row: int
 
 
-class MemoryBank:
-    """One bank: a LanceDB table plus what its metadata says (encoder spec, dimension)."""
+class MemoryBank(VectorCache, AnnIndex):
+    """One bank: a LanceDB table plus what its metadata says (encoder spec, dimension).
 
-    def __init__(self, name: str, table: Any, store: Store | None = None) -> None:
+    Opened as ``NAME`` it reads the newest version; as ``NAME@TAG`` or ``NAME@vN`` (:attr:`ref`) it is pinned to one
+    version, read-only, and :meth:`refresh` follows the tag when it moves."""
+
+    def __init__(self, name: str, table: Any, store: Store | None = None, ref: BankRef | None = None) -> None:
         self.name = name
         self.table = table
         self.store = store  # where the bank's write lock lives (None: an unlocked table, for tests)
+        self.ref = ref or BankRef(name)  # what it was opened as
         meta = table.schema.metadata or {}
         if META_ENCODER not in meta:
             raise BankError(f"table {name!r} is not a decapflow memory bank (no encoder in its metadata)")
@@ -101,15 +106,42 @@ class MemoryBank:
     def version(self) -> int:
         return int(self.table.version)
 
+    @property
+    def pinned(self) -> bool:
+        """Whether this bank reads one version (opened as ``NAME@TAG``/``NAME@vN``, or by :meth:`at`)."""
+        return self.ref.pinned
+
     def at(self, version: int | None = None) -> MemoryBank:
-        """This bank pinned at ``version`` (default: the newest now), read-only: later writes do not show, so a
-        training run or a gate reads one consistent set of rows."""
+        """This bank pinned at ``version`` (default: the version a pinned reference names, else the newest now),
+        read-only: later writes do not show, so a training run or a gate reads one consistent set of rows."""
         table = self.store.db.open_table(self.name) if self.store else self.table
         if version is None:
-            table.checkout_latest()
-            version = int(table.version)
-        table.checkout(version)
-        return MemoryBank(self.name, table, self.store)
+            version = self.version if self.pinned else latest_version(table)
+        checkout_version(table, self.name, version)
+        return MemoryBank(self.name, table, self.store, self.ref if self.ref.tag else BankRef(self.name, version=version))
+
+    def refresh(self) -> bool:
+        """Move to the version this bank's reference names now: the newest, or the one its tag pins (a tag moves);
+        a fixed ``@vN`` stays. Returns whether the version changed (~1 ms locally)."""
+        before = self.version
+        if self.ref.tag is not None:
+            checkout_version(self.table, self.name, self.tag_version(self.ref.tag))
+        elif self.ref.version is None:
+            self.table.checkout_latest()
+        return self.version != before
+
+    def tags(self) -> dict[str, int]:
+        """Every tag of the bank and the version it pins (decapflow's own ``_clone-*`` pins included)."""
+        return {name: int(info["version"]) for name, info in sorted(self.table.tags.list().items())}
+
+    def tag_version(self, tag: str) -> int:
+        """The version ``tag`` pins; :class:`UnknownVersion` (listing the tags) when there is no such tag."""
+        tags = self.tags()
+        if tag not in tags:
+            shown = ", ".join(f"{t} (v{v})" for t, v in tags.items() if not t.startswith("_")) or "none"
+            raise UnknownVersion(f"bank {self.name!r} has no tag {tag!r} (tags: {shown}); tag a version with: "
+                                 f"decapflow memory tag {self.name} {tag} --version N")
+        return tags[tag]
 
     def __len__(self) -> int:
         return int(self.table.count_rows())
@@ -182,51 +214,6 @@ class MemoryBank:
         table = self.table.search().select(["text", "vector"]).limit(None).to_arrow()
         return table.column("text").to_pylist(), vector_rows(table.column("vector"), self.dim)
 
-    def vector_cache(self, precision: str = "float32") -> tuple[np.ndarray | BF16Rows, pa.Array]:
-        """A fast local copy of this version's vectors (memory-mapped .npy) and texts (memory-mapped Arrow file).
-
-        Reading a million vectors back out of LanceDB takes seconds; the copy is written once per bank version
-        under ``<home>/cache`` and reused until the bank changes. It is streamed batch by batch (memory stays flat
-        for any bank size). ``precision="bfloat16"`` gives a half-size copy (:class:`BF16Rows`) for projecting
-        over big banks; training reads the float32 one."""
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        folder = cache_dir() / "banks" / f"{self.name}-{self.bank_id}" / f"v{self.version}"
-        vec_path = folder / ("vectors.npy" if precision == "float32" else "vectors.bf16.npy")
-        text_path = folder / "texts.arrow"
-        if not (vec_path.exists() and text_path.exists()):
-            self._write_cache(folder, vec_path, None if text_path.exists() else text_path, precision)
-        vectors = np.load(vec_path, mmap_mode="r")
-        texts = pa.ipc.open_file(pa.memory_map(str(text_path))).read_all().column("text")
-        return (BF16Rows(vectors) if precision == "bfloat16" else vectors), texts
-
-    def _write_cache(self, folder: Path, vec_path: Path, text_path: Path | None, precision: str) -> None:
-        """Stream the vectors (and texts, when ``text_path``) into temporary files, then rename them in place."""
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".tmp-{uuid.uuid4().hex}"
-        rows = len(self)
-        dtype = np.float32 if precision == "float32" else np.uint16
-        out = np.lib.format.open_memmap(f"{tmp}.npy", mode="w+", dtype=dtype, shape=(rows, self.dim))
-        columns = ["vector"] + (["text"] if text_path else [])
-        reader = self.table.search().select(columns).limit(None).to_batches(CACHE_BATCH_ROWS)
-        writer = pa.ipc.new_file(f"{tmp}.arrow", pa.schema([("text", pa.string())])) if text_path else None
-        start = 0
-        for batch in reader:
-            block = vector_rows(batch.column("vector"), self.dim)
-            out[start : start + len(block)] = block if precision == "float32" else BF16Rows.encode(block)
-            start += len(block)
-            if writer is not None:
-                writer.write_batch(pa.record_batch([batch.column("text")], names=["text"]))
-        if writer is not None:
-            writer.close()
-        if start != rows:
-            raise BankError(f"bank {self.name!r}: read {start} vectors, expected {rows}")
-        out.flush()
-        del out
-        Path(f"{tmp}.npy").replace(vec_path)
-        if text_path:
-            Path(f"{tmp}.arrow").replace(text_path)
-
     def search(self, query: np.ndarray, k: int = 10) -> list[SearchHit]:
         """The k stored sentences nearest (cosine) to a unit query vector [dim]."""
         vectors, texts = self.vector_cache()
@@ -238,85 +225,21 @@ class MemoryBank:
         top = top[np.argsort(-scores[top])]
         return [SearchHit(texts[int(i)].as_py(), float(scores[i]), int(i)) for i in top]
 
-    # ------------------------------------------------------------ ANN index (the ``topk`` strategy)
-    def index_kind(self) -> str | None:
-        """``"ivf_flat"``, ``"ivf_pq"`` (or another LanceDB index type, lower-cased) on the vectors, or None."""
-        for index in self.table.list_indices():
-            if "vector" in getattr(index, "columns", []):
-                return re.sub(r"(?<=[a-z])(?=[A-Z])", "_", str(index.index_type)).lower()
-        return None
-
-    def has_index(self) -> bool:
-        return self.index_kind() is not None
-
-    def build_index(self, kind: str = "ivf_flat", partitions: int | None = None, sub_vectors: int | None = None,
-                    iterations: int = 10, sample_rate: int = 64, accelerator: str | None = None) -> None:
-        """An IVF index on the (unit) vectors, by dot product, kept with the bank (rebuild after large ingests).
-
-        ``ivf_flat`` (default) keeps full vectors in each partition, so the hits within the probed partitions are
-        exact: image queries (far from every sentence) get recall@64 0.97-1.0 at 300k rows, where ``ivf_pq``'s
-        compressed distances get 0.21 (0.75 re-ranked 10x). At 6.2M rows ivf_flat gets recall@64 0.85 at
-        nprobes 10, 33x faster than exact batched ``pd`` (``benchmarks/big_bank.py``).
-        It stores a second copy of the vectors; ``ivf_pq`` is ~16x smaller. k-means runs ``iterations`` rounds on
-        ``sample_rate`` rows per partition (LanceDB's defaults, 50 and 256, took ~30 minutes at 6M rows here);
-        ``accelerator="cuda"`` trains it on a GPU."""
-        from lancedb.index import IvfFlat, IvfPq
-
-        rows = len(self)
-        if rows < 4096:
-            raise BankError(f"bank {self.name!r} has {rows} rows: too few for an ANN index (exact search is fast)")
-        # LanceDB trains at most rows / sample_rate partitions; asking for more leaves some untrained.
-        partitions = partitions or max(1, min(4096, int(rows**0.5), rows // sample_rate))
-        # "dot", not "cosine": the rows are unit vectors, so both rank them alike, but with "cosine" LanceDB routes a
-        # query far from every row (an image) to nearly empty partitions: recall@64 0.03 at 2M rows, 1.0 with "dot"
-        # (benchmarks/ivf_routing.py --metric).
-        common = dict(distance_type="dot", num_partitions=partitions, max_iterations=iterations,
-                      sample_rate=sample_rate, accelerator=accelerator)
-        if kind == "ivf_flat":
-            config = IvfFlat(**common)
-        elif kind == "ivf_pq":
-            config = IvfPq(**common, num_sub_vectors=sub_vectors or max(1, self.dim // 16))
-        else:
-            raise BankError(f"unknown index kind {kind!r}: choose ivf_flat (exact within partitions) or ivf_pq")
-        self.table.create_index("vector", config=config, replace=True)
-
-    def ann_neighbors(self, queries: np.ndarray, k: int, nprobes: int = 20, refine_factor: int | None = None
-                      ) -> tuple[np.ndarray, list[list[str]]]:
-        """Approximate k nearest rows per query from the index, all queries in one search:
-        ([B, k, dim] vectors, [B][k] texts). ``refine_factor`` (default: 10 for a PQ index, none for a flat one)
-        re-ranks that many times k candidates by exact distance. Queries that get fewer than k hits are padded
-        with zero vectors and empty texts."""
-        queries = np.atleast_2d(np.ascontiguousarray(queries, dtype=np.float32))
-        search = (self.table.search(queries if len(queries) > 1 else queries[0], vector_column_name="vector")
-                  .metric("dot").nprobes(nprobes).limit(k).select(["text", "vector", "_distance"]))
-        if refine_factor is None and self.index_kind() not in (None, "ivf_flat"):
-            refine_factor = 10
-        if refine_factor:
-            search = search.refine_factor(refine_factor)
-        hits = search.to_arrow()
-        which = (hits.column("query_index").to_numpy() if "query_index" in hits.column_names
-                 else np.zeros(hits.num_rows, np.int64))
-        got = vector_rows(hits.column("vector"), self.dim)
-        texts_in = hits.column("text").to_pylist()
-        vectors = np.zeros((len(queries), k, self.dim), dtype=np.float32)
-        texts: list[list[str]] = [[] for _ in queries]
-        for row, q in enumerate(which):  # hits come grouped by query, nearest first
-            slot = len(texts[q])
-            vectors[q, slot] = got[row]
-            texts[q].append(texts_in[row])
-        return vectors, [t + [""] * (k - len(t)) for t in texts]
-
     # ------------------------------------------------------------ writing
     def add(self, hashes: Sequence[str], texts: Sequence[str], vectors: np.ndarray, source: str,
-            added_at: datetime, known_version: int | None = None) -> int:
+            added_at: datetime, known_version: int | None = None, change: history.Change | None = None) -> int:
         """Add the rows whose hash the bank does not hold yet, in one commit (one LanceDB version), under the
-        bank's write lock. Returns rows written.
+        bank's write lock, and record the commit in the bank's history as part of ``change`` (default: an ingest
+        of ``source``). Returns rows written.
 
         ``known_version``: the caller has already dropped every hash the bank held at that version (and repeats
         within the batch). If no one has written since, the rows are appended without joining on ``hash`` (the
         join scans every stored hash: 5x an append at 200k rows, growing with the bank). After the call,
         :attr:`known_version` is the version the caller may pass next time (None when another writer's rows came
         in between, which the caller has not seen)."""
+        if self.pinned:
+            raise BankError(f"bank {str(self.ref)!r} is pinned to version {self.version} (read-only); write to "
+                            f"{self.name!r}")
         if len(hashes) == 0:
             return 0
         if vectors.shape != (len(hashes), self.dim):
@@ -347,6 +270,9 @@ class MemoryBank:
                 self.known_version = int(fresh.version)
             else:
                 written = int(fresh.merge_insert("hash").when_not_matched_insert_all().execute(batch).num_inserted_rows)
+            if written:
+                history.record(self.store, self.name, change or history.Change("ingest", source=source),
+                               version=int(fresh.version), rows=int(fresh.count_rows()), added=written)
         self.table.checkout_latest()
         return written
 
@@ -393,19 +319,34 @@ class Registry:
     def exists(self, name: str) -> bool:
         return check_name(name) in self.names()
 
-    def open(self, name: str) -> MemoryBank:
+    def open(self, ref: str | BankRef) -> MemoryBank:
+        """Bank ``ref``: ``NAME`` at its newest version, or ``NAME@TAG`` / ``NAME@vN`` pinned to one version
+        (read-only). Raises :class:`UnknownBank` naming the banks there are, :class:`UnknownVersion` naming the
+        tags or versions the bank has."""
+        ref = BankRef.parse(ref)
+        name = ref.name
         if not self.exists(name):
             known = ", ".join(self.names()) or "none yet"
             raise UnknownBank(f"no memory bank named {name!r} in {self.uri} (banks: {known}); "
                             f"create one with: decapflow ingest CORPUS --memory {name}")
-        return MemoryBank(name, self.db.open_table(name), self.store)
+        bank = MemoryBank(name, self.db.open_table(name), self.store)
+        if not ref.pinned:
+            return bank
+        checkout_version(bank.table, name, bank.tag_version(ref.tag) if ref.tag is not None else int(ref.version))
+        bank.ref = ref
+        return bank
 
     def create(self, name: str, encoder: str, dim: int, exist_ok: bool = False) -> MemoryBank:
         """Create bank ``name`` empty. ``exist_ok``: open it instead when it exists (or another process created
         it a moment ago), checking it was built with ``encoder``."""
+        bank = None
         with self.store.creating():  # one creator at a time (LanceDB's create is not atomic)
             if not self.exists(name):
-                return MemoryBank(name, self.db.create_table(name, schema=bank_schema(dim, encoder)), self.store)
+                bank = MemoryBank(name, self.db.create_table(name, schema=bank_schema(dim, encoder)), self.store)
+        if bank is not None:  # recorded outside the creators' turn: the history table may need creating too
+            history.record(self.store, name, history.Change("create", details={"encoder": encoder, "dim": dim}),
+                           version=bank.version, rows=0)
+            return bank
         if not exist_ok:
             raise BankError(f"memory bank {name!r} already exists")
         bank = self.open(name)
