@@ -18,6 +18,10 @@ The public API (names load on first use, so ``import decapflow`` is cheap)::
     result = decapflow.train_bank("coco", recipe={"epochs": 10})  # train, register, promote
     for c in decapflow.caption_images(["photo.jpg"], memory="coco", strategy="pd"):
         print(c.image, c.caption, c.support[0])
+
+Readers take a bank reference: ``"coco"`` (the newest version), ``"coco@prod"`` (the version tag ``prod`` pins) or
+``"coco@v12"`` (version 12), e.g. ``open_bank("coco@prod")``, ``caption_images(..., memory="coco@v12")``,
+``train_bank("coco@v12")``; writers (``ingest``) take the plain name.
 """
 
 from __future__ import annotations

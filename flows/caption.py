@@ -35,14 +35,15 @@ def open_captioner(memory: str, options: Options, decoder: str | None, store: st
 
 
 def caption_run_name() -> str:
-    """``caption-BANK-FOLDER``."""
+    """``caption-REF-FOLDER`` (``caption-coco-photos``, ``caption-coco@prod-photos``)."""
     return f"caption-{flow_run.parameters['memory']}-{Path(flow_run.parameters['images']).resolve().name}"
 
 
 @flow(name="decapflow-caption", flow_run_name=caption_run_name)
 def caption_flow(images: str, memory: str, output_dir: str, strategy: str = "auto", decoder: str | None = None,
                  store: str | None = None, batch_size: int = 256, frames: int = DEFAULT_FRAMES) -> dict[str, Any]:
-    """Caption every image and video under ``images`` with bank ``memory`` (a video from the mean embedding of
+    """Caption every image and video under ``images`` with bank ``memory`` (``NAME``, or ``NAME@TAG`` / ``NAME@vN``
+    for the version a tag or number pins; the manifest records the version read) (a video from the mean embedding of
     ``frames`` frames sampled uniformly over it); writes captions.jsonl, captions.coco.json (when the file names
     carry ids) and manifest.json under ``output_dir``; leaves ``caption-BANK`` (the first captions) and
     ``caption-BANK-results`` (a link to captions.jsonl). Returns the manifest."""
@@ -67,12 +68,13 @@ def caption_flow(images: str, memory: str, output_dir: str, strategy: str = "aut
         files.append("captions.coco.json")
     except ValueError:
         pass  # file names without ids: no COCO results file
-    manifest = {"images": images, "bank": memory, "bank_version": captioner.bank.version,
+    manifest = {"images": images, "bank": captioner.bank.name, "ref": captioner.bank_ref,
+                "bank_version": captioner.bank.version,
                 "encoder": captioner.bank.encoder,
                 "decoder": captioner.decoder_path.name if captioner.decoder_path else None, "options": asdict(options), "strategy": captioner.strategy, "captioned": len(captions),
                 "videos": sum(map(is_video, paths)), "frames": frames,
                 "failed": [asdict(f) for f in failures], "files": files,
                 "seconds": round(time.perf_counter() - start, 2)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    caption_artifacts(memory, captions, out / "captions.jsonl")
+    caption_artifacts(captioner.bank.name, captions, out / "captions.jsonl")  # keyed by bank: one history
     return manifest

@@ -3,7 +3,8 @@ artifacts keyed by bank (the UI keeps a history per key).
 
 Keys, for bank ``coco``: ``ingest-coco`` (markdown summary), ``ingest-coco-progress``, ``train-coco`` (table of
 the run), ``train-coco-loss`` (the loss curve), ``train-coco-progress``, ``gate-coco`` (the scoreboard, one row
-per decision), ``caption-coco`` (first captions) and ``caption-coco-results`` (a link to the results file).
+per decision), ``caption-coco`` (first captions) and ``caption-coco-results`` (a link to the results file); for a
+store, ``maintenance`` (one row per bank and table maintained).
 
 A run must not fail because the UI's side of it did: an artifact that cannot be written is a warning in the log.
 """
@@ -152,3 +153,31 @@ def caption_artifacts(bank: str, captions: list[Any], results: Path) -> None:
             description=f"the first {len(table)} of {len(captions)} captions against bank {bank}")
     _safely("caption results", create_link_artifact, results.resolve().as_uri(),
             link_text=f"{results.name} ({len(captions)} captions)", key=artifact_key("caption", bank, "results"))
+
+
+def maintenance_table(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """``maintenance``: one row per bank (then per store table) of a store's maintenance (``maintain_store``'s
+    report): versions removed, MB freed, fragments and unindexed rows before -> after, seconds, or the error."""
+
+    def arrow(before: Any, after: Any) -> str:
+        return "-" if before is None and after is None else f"{'-' if before is None else before} -> " \
+                                                             f"{'-' if after is None else after}"
+
+    rows = []
+    for r in [*report["banks"], *report["tables"]]:
+        name = r.get("bank") or r["table"]
+        if "error" in r:
+            rows.append({"bank": name, "versions removed": "-", "MB freed": "-", "fragments": "-",
+                         "unindexed rows": "-", "seconds": "-", "result": f"failed: {r['error']}"[:300]})
+            continue
+        rows.append({"bank": name, "versions removed": r["versions_removed"],
+                     "MB freed": round(r["bytes_freed"] / 1e6, 2),
+                     "fragments": arrow(r["fragments_before"], r["fragments"]),
+                     "unindexed rows": arrow(r.get("unindexed_before"), r.get("unindexed")),
+                     "seconds": r["seconds"],
+                     "result": ("still: " + "; ".join(r["needs"])) if r.get("needs") else "ok"})
+    failed = f", {len(report['failed'])} failed" if report["failed"] else ""
+    _safely("maintenance", create_table_artifact, rows, key="maintenance",
+            description=f"maintenance of {len(report['banks'])} bank(s) in {report['store']} (retain "
+                        f"{report['retain']}): {report['mb_freed']:,.1f} MB freed{failed}")
+    return rows

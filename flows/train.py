@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from decapflow.bank.memory import Registry
+from decapflow.bank.refs import BankRef
 from decapflow.lifecycle.training import retrain_due, train_bank
 from flows.prefect_env import STORE_RETRIES
 from flows.report import gate_scoreboard, run_pulse, training_artifacts
@@ -44,16 +45,18 @@ def _train(bank: str, config: str, recipe: dict[str, Any] | None, store: str | N
            progress: bool = False, gate: bool, metric: str, margin: float, version: int | None,
            log_every_s: float, due: Callable[[], tuple[bool, str]] | None = None) -> dict[str, Any]:
     """Under the bank's and the machine's slots: check ``due()`` (when given), train with progress in the log;
-    then leave the run's artifacts."""
+    then leave the run's artifacts. ``bank`` may pin a version (``NAME@TAG``, ``NAME@vN``); slots and artifacts
+    belong to the bank's name."""
     logger = get_run_logger()
-    with training_slot(bank) as waited:
+    name = BankRef.parse(bank).name
+    with training_slot(name) as waited:
         reason = None
         if due is not None:
             trained, reason = due()
             logger.info("bank %s at version %s: %s", bank, version, reason)
             if not trained:
                 return {"bank": bank, "bank_version": version, "trained": False, "reason": reason}
-        pulse = run_pulse("train", bank, log_every_s)
+        pulse = run_pulse("train", name, log_every_s)
         result = train_task(bank, config, recipe or {}, store, resume, progress, gate=gate, metric=metric,
                             margin=margin, version=version, pulse=pulse)
     pulse.say(result["summary"], 1.0)  # done, stopped early or not
@@ -67,7 +70,8 @@ def train_flow(bank: str, config: str = "decap-small", recipe: dict[str, Any] | 
                store: str | None = None, resume: bool = False, progress: bool = False, gate: bool = False,
                metric: str = "auto", margin: float = 0.0, log_every_s: float = 30.0) -> dict[str, Any]:
     """Train a decoder for one memory bank; make it current (``gate``: only when it beats the current one).
-    Progress goes to the run's log every ``log_every_s`` seconds and after each validation."""
+    ``bank``: ``NAME`` (its newest version, pinned for the run), ``NAME@TAG`` or ``NAME@vN`` (that version; the
+    decoder records it). Progress goes to the run's log every ``log_every_s`` seconds and after each validation."""
     return _train(bank, config, recipe, store, resume=resume, progress=progress, gate=gate, metric=metric,
                   margin=margin, version=None, log_every_s=log_every_s)
 

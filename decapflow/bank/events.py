@@ -1,6 +1,8 @@
 """Prefect events for what changes in a store, so deployments can react (``prefect.yaml``'s triggers).
 
     decapflow.bank.updated      resource decapflow.bank.<bank>       rows added, new version, rows
+    decapflow.bank.removed      resource decapflow.bank.<bank>       rows removed, new version, rows, stale decoders
+    decapflow.bank.restored     resource decapflow.bank.<bank>       version restored, rows back and gone, new version
     decapflow.decoder.promoted  resource decapflow.decoder.<id>      the gate's decision (related: the bank)
     decapflow.decoder.rejected  resource decapflow.decoder.<id>      the gate's decision (related: the bank)
 
@@ -74,6 +76,14 @@ def emit(event: str, resource: str, name: str, payload: dict[str, Any],
 def bank_updated(bank: str, rows_added: int, version: int, rows: int, source: str = "") -> bool:
     return emit("decapflow.bank.updated", f"decapflow.bank.{bank}", bank,
                 {"bank": bank, "rows_added": rows_added, "version": version, "rows": rows, "source": source})
+
+
+def bank_rows_left(event: str, bank: str, payload: dict[str, Any]) -> bool:
+    """``decapflow.bank.removed`` or ``decapflow.bank.restored``: rows left (or came back), so the bank's decoders
+    may have learnt sentences it no longer holds; the retrain deployment follows these too."""
+    if event not in ("removed", "restored"):
+        raise ValueError(f"unknown bank event {event!r}")
+    return emit(f"decapflow.bank.{event}", f"decapflow.bank.{bank}", bank, {"bank": bank, **payload})
 
 
 def decoder_decided(decision: dict[str, Any]) -> bool:

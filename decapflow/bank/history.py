@@ -132,10 +132,11 @@ def rows(store: Store | str | None, bank: str) -> list[dict[str, Any]]:
     return sorted(found, key=lambda r: r["time"])
 
 
-def history(store: Store | str | None, bank: str) -> list[dict[str, Any]]:
+def history(store: Store | str | None, bank: str, current: bool = False) -> list[dict[str, Any]]:
     """One entry per change to ``bank``, oldest first: op, when it started and ended, the versions it made (first and
     last), rows added and removed, rows after, commits, source, content hash, user, host, flow run, details (the
-    last commit's)."""
+    last commit's). A name reused after ``memory rm`` keeps the earlier bank's entries before its ``create``;
+    ``current`` leaves them out (entries from its ``create``, or its ``clone``, on)."""
     entries: dict[str, dict[str, Any]] = {}
     for row in rows(store, bank):
         entry = entries.get(row["op_id"])
@@ -151,7 +152,11 @@ def history(store: Store | str | None, bank: str) -> list[dict[str, Any]]:
                      rows_added=entry["rows_added"] + row["rows_added"],
                      rows_removed=entry["rows_removed"] + row["rows_removed"], details={**entry["details"],
                                                                                       **row["details"]})
-    return list(entries.values())
+    out = list(entries.values())
+    if current:
+        creates = [i for i, e in enumerate(out) if e["op"] in ("create", "clone")]  # where this bank began
+        out = out[creates[-1]:] if creates else out
+    return out
 
 
 def drop_history(store: Store | str | None, bank: str) -> int:

@@ -28,9 +28,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from decapflow.bank import events
+from decapflow.bank import events, history
 from decapflow.bank.corpus import clean_text, content_hash
-from decapflow.bank.memory import MemoryBank, Registry, check_name
+from decapflow.bank.memory import MemoryBank, Registry
+from decapflow.bank.refs import writable
 from decapflow.errors import BankError
 
 TEXT_FIELDS = ("caption", "text")
@@ -125,11 +126,11 @@ def run_import(path: Path, memory: str, encoder: str | None = None, store: str |
     """Import ``path``'s texts and embeddings into bank ``memory`` (created with ``encoder`` when new)."""
     start = time.perf_counter()
     path = Path(path)
+    name = writable(memory, "memory import")  # a plain name: BANK@TAG / BANK@vN are read-only
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     batches = read_embeddings(path, text_field, vector_field, chunk_size)
     registry = Registry(store)
-    name = check_name(memory)
     bank: MemoryBank | None = registry.open(name) if registry.exists(name) else None
     if bank is not None:
         bank.check_encoder(encoder or bank.encoder)
@@ -139,6 +140,8 @@ def run_import(path: Path, memory: str, encoder: str | None = None, store: str |
     known = bank.hashes() if bank is not None else set()
     seen: set[str] = set()
     added_at = datetime.now(timezone.utc)
+    change = history.Change("import", source=report.source,
+                            content_hash=history.file_sha256(path) if path.is_file() else "")
     bar = None
     if progress:
         from tqdm import tqdm
@@ -149,7 +152,7 @@ def run_import(path: Path, memory: str, encoder: str | None = None, store: str |
             if bank is None:  # created from the first batch's dimension (or by a concurrent import just now)
                 bank = registry.create(name, encoder, vectors.shape[1], exist_ok=True)
                 known = bank.hashes()
-            report.written += _write(bank, texts, vectors, known, seen, report, added_at)
+            report.written += _write(bank, texts, vectors, known, seen, report, added_at, change)
             if bar is not None:
                 bar.update(len(texts))
     finally:
@@ -164,7 +167,7 @@ def run_import(path: Path, memory: str, encoder: str | None = None, store: str |
 
 
 def _write(bank: MemoryBank, texts: list[Any], vectors: np.ndarray, known: set[str], seen: set[str],
-           report: ImportReport, added_at: datetime) -> int:
+           report: ImportReport, added_at: datetime, change: history.Change | None = None) -> int:
     """Clean, deduplicate (``known``: the bank's hashes; ``seen``: this import's), check and write one batch."""
     if vectors.shape[1] != bank.dim:
         raise BankError(f"bank {bank.name!r} holds {bank.dim}-d vectors ({bank.encoder}); these are "
@@ -198,6 +201,6 @@ def _write(bank: MemoryBank, texts: list[Any], vectors: np.ndarray, known: set[s
     report.normalised += int(off.sum())
     rows = rows / norms[keep_rows, None]
     written = bank.add(hashes, kept_texts, rows.astype(np.float32), source=report.source, added_at=added_at,
-                       known_version=bank.known_version)
+                       known_version=bank.known_version, change=change)
     report.concurrent += len(hashes) - written
     return written

@@ -19,14 +19,16 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from decapflow.bank import events
+from decapflow.bank import events, history
 from decapflow.bank.corpus import CorpusStats, Sentence, batched, detect_format, read_sentences
 from decapflow.bank.memory import MemoryBank, Registry, check_name
+from decapflow.bank.refs import writable
 from decapflow.bank.textcheck import check_text
 from decapflow.encoders import DEFAULT_ENCODER, Encoder, load_encoder
 from decapflow.progress import Pulse, duration
 
 DEFAULT_CHUNK = 4096
+MAX_REPASSES = 3  # passes again over the file when restores keep taking its rows out while it runs
 
 
 @dataclass
@@ -40,6 +42,7 @@ class IngestReport:
     truncated: int = 0
     written: int = 0
     concurrent: int = 0  # new when read, but stored by another writer before this one wrote them
+    rewritten: int = 0  # written again after a restore (while this ran) took them out
     event: bool = False  # a decapflow.bank.updated event went to a Prefect server
     chunks: int = 0
     version: int = 0
@@ -63,7 +66,8 @@ class IngestReport:
             f"duplicates {c.get('duplicates', 0)}, already stored {c.get('already_stored', 0)}, "
             f"invalid {c.get('invalid', 0)}, invalid UTF-8 {c.get('invalid_utf8', 0)}, "
             f"truncated {self.truncated}, written {self.written} in {self.seconds:.1f} s ({rate:,.0f} sentences/s)"
-            + (f", {self.concurrent} stored meanwhile by another writer" if self.concurrent else "") + "; "
+            + (f", {self.concurrent} stored meanwhile by another writer" if self.concurrent else "")
+            + (f", {self.rewritten} written again after a restore took them out" if self.rewritten else "") + "; "
             f"bank now {self.rows} rows, version {self.version}"
             + self._problem_lines()
         )
@@ -75,9 +79,10 @@ def _lines(what: str, lines: list[int], total: int) -> str:
 
 
 def bank_name_for(path: Path, memory: str | None) -> str:
-    """The bank a corpus goes to: ``memory`` if given, else the file's stem without format suffixes."""
+    """The bank a corpus goes to: ``memory`` if given (a plain name: ``BANK@TAG`` / ``BANK@vN`` are read-only and
+    refused), else the file's stem without format suffixes."""
     if memory:
-        return check_name(memory)
+        return writable(memory, "ingest")
     name = Path(path).name
     for suffix in (".gz", ".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet"):
         name = name.removesuffix(suffix)
@@ -120,10 +125,12 @@ def embed_chunk(encoder: Encoder, sentences: list[Sentence], batch_size: int = 2
 
 
 def write_chunk(bank: MemoryBank, sentences: list[Sentence], vectors: np.ndarray, added_at: datetime,
-                known_version: int | None = None) -> int:
-    """Append one chunk to the bank in a single commit (``known_version``: see :meth:`MemoryBank.add`)."""
+                known_version: int | None = None, change: history.Change | None = None) -> int:
+    """Append one chunk to the bank in a single commit, recorded in its history as part of ``change`` (one per
+    ingest run; ``known_version``: see :meth:`MemoryBank.add`)."""
     return bank.add([s.hash for s in sentences], [s.text for s in sentences], vectors,
-                    source=sentences[0].source if sentences else "", added_at=added_at, known_version=known_version)
+                    source=sentences[0].source if sentences else "", added_at=added_at, known_version=known_version,
+                    change=change)
 
 
 class RemoteEmbedder(Protocol):
@@ -193,17 +200,21 @@ def run_ingest(
 
             return ordered(chunks, lambda chunk: remote.submit([s.text for s in chunk]), remote.window)
     report = IngestReport(bank=name, encoder=bank.encoder, source=path.name)
+    change = history.Change("ingest", source=path.name, content_hash=history.file_sha256(path))
     stats = CorpusStats()
     added_at = datetime.now(timezone.utc)
+    began = history.utc_now()
     bar = _progress_bar(progress, name)
     if pulse is not None:
         pulse.say(f"ingesting {path.name} into bank {name!r} ({len(bank):,} rows, version {bank.version}) with "
                   f"encoder {bank.encoder}, chunks of {chunk_size:,}", 0.0)
     chunk_start = time.perf_counter()
-    try:
+
+    def one_pass(stats: CorpusStats) -> None:
+        nonlocal chunk_start
         for chunk, (vectors, truncated) in embedded(read_chunks(path, bank.hashes(), stats, chunk_size, fmt, field,
                                                                 errors)):
-            written = write(bank, chunk, vectors, added_at, bank.known_version)  # chunks hold only unseen hashes
+            written = write(bank, chunk, vectors, added_at, bank.known_version, change)  # only unseen hashes
             report.written += written
             report.concurrent += len(chunk) - written
             report.truncated += truncated
@@ -217,6 +228,17 @@ def run_ingest(
                           f"{report.written / (now - start):,.0f}/s overall, {duration(now - start)}), "
                           f"bank version {bank.version}", stats.fraction())
                 chunk_start = now
+
+    try:
+        one_pass(stats)
+        for _ in range(MAX_REPASSES):  # a restore while this ran took out chunks it had committed: write them again
+            if not _restored_since(bank, began):
+                break
+            began, before = history.utc_now(), report.written
+            if pulse is not None:
+                pulse.say(f"bank {name!r} was restored while this ingest ran: writing again what it took out")
+            one_pass(CorpusStats())
+            report.rewritten += report.written - before
     finally:
         if bar is not None:
             bar.close()
@@ -226,6 +248,12 @@ def run_ingest(
     if report.written:
         report.event = events.bank_updated(name, report.written, report.version, report.rows, path.name)
     return report
+
+
+def _restored_since(bank: MemoryBank, began: str) -> bool:
+    """Whether bank ``bank`` was restored (``memory restore``) after ``began`` (a history time)."""
+    return bank.store is not None and any(
+        row["op"] == "restore" and row["time"] >= began for row in history.rows(bank.store, bank.name))
 
 
 def _progress_bar(enabled: bool, name: str) -> Any:

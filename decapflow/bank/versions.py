@@ -155,7 +155,7 @@ def clones_of(bank: MemoryBank) -> dict[str, int]:
 
 def source_of(registry: Registry, name: str) -> tuple[str, int] | None:
     """(source bank, version) when bank ``name`` is a shallow clone that still shares its source's files."""
-    for entry in history.history(registry.store, name):
+    for entry in history.history(registry.store, name, current=True):
         if entry["op"] == "clone" and entry["details"].get("source"):
             source = entry["details"]["source"]
             if registry.exists(source) and clone_pin(name) in registry.open(source).tags():

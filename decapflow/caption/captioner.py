@@ -18,6 +18,7 @@ import numpy as np
 
 from decapflow import cpu
 from decapflow.bank.memory import BankError, MemoryBank, Registry
+from decapflow.bank.refs import BankRef
 from decapflow.bank.rows import BF16Rows
 from decapflow.caption import modality, projection
 from decapflow.caption.decoders import check_decoder_encoder, resolve_decoder  # noqa: F401  (importable from here)
@@ -88,6 +89,7 @@ class Captioner:
             raise BankError(f"decoder expects {decoder.config.prefix_dim}-d prefixes, bank {bank.name!r} is "
                             f"{bank.dim}-d")
         self.bank_version = bank.version
+        self.bank_ref = str(bank.ref)  # what the bank was opened as: NAME, NAME@TAG or NAME@vN
         self.precision = bank_precision(bank, precision)
         self.vectors, self.texts = bank.vector_cache(self.precision)  # memory-mapped, tied to the bank version
         #: How ``pd`` projects (device_projection.BACKENDS): on the decoder's device, through a DeviceBank on CUDA.
@@ -104,23 +106,24 @@ class Captioner:
         self.auto = False
 
     @classmethod
-    def for_bank(cls, name: str, options: Options | None = None, decoder: str | None = None,
+    def for_bank(cls, ref: str | BankRef, options: Options | None = None, decoder: str | None = None,
                  store: str | None = None, device: str | None = None, precision: str = "auto",
                  projector: str = "auto") -> Captioner:
-        """Open bank ``name``, its encoder and its current decoder (or ``decoder``: an id or a folder).
-        ``precision``: of the bank copy the strategies read (see :func:`bank_precision`); ``projector``: see
-        :data:`~decapflow.caption.device_projection.BACKENDS`."""
-        bank = Registry(store).open(name)
+        """Open bank ``ref`` (``NAME``: its newest version; ``NAME@TAG`` / ``NAME@vN``: the version the tag or number
+        pins), its encoder and the bank's current decoder (or ``decoder``: an id or a folder). The decoder and the
+        image mean belong to the bank, whatever version is read. ``precision``: of the bank copy the strategies read
+        (see :func:`bank_precision`); ``projector``: see :data:`~decapflow.caption.device_projection.BACKENDS`."""
+        bank = Registry(store).open(ref)
         options = options or Options()
         device = default_device(device)  # the encoder, the decoder and pd on one device: cuda when present
         model = vocab = folder = None
         if options.strategy != "clipre":
-            folder = resolve_decoder(name, decoder, store=store)
+            folder = resolve_decoder(bank.name, decoder, store=store)
             model, vocab, meta = load_decoder(folder, device)
             check_decoder_encoder(meta, folder, bank)
         captioner = cls(load_encoder(bank.encoder, device), bank, model, vocab, options, precision, projector)
         captioner.decoder_path = folder
-        captioner.image_mean = modality.load_image_mean(name, bank.encoder, store)
+        captioner.image_mean = modality.load_image_mean(bank.name, bank.encoder, store)
         return captioner
 
     def with_options(self, options: Options) -> Captioner:

@@ -74,7 +74,8 @@ def caption_paths(captioner: Captioner, paths: Sequence[Path], progress: bool = 
 def caption_images(inputs: Sequence[str | Path], memory: str, strategy: str = AUTO, *, decoder: str | None = None,
                    store: str | None = None, device: str | None = None, frames: int | None = None,
                    errors: str = "raise") -> list[Caption]:
-    """Caption image and video files against bank ``memory`` with ``strategy`` (see
+    """Caption image and video files against bank ``memory`` (``NAME``, or ``NAME@TAG`` / ``NAME@vN`` for the
+    version a tag or number pins) with ``strategy`` (see
     :data:`decapflow.caption.projection.STRATEGIES`) and the bank's current decoder (or ``decoder``: an id or a
     checkpoint folder). ``inputs``: files, folders (searched recursively) or glob patterns. One
     :class:`Caption` per readable file, in input order. ``errors``: ``"raise"`` (a ValueError naming every

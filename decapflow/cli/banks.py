@@ -14,7 +14,8 @@ from decapflow.cli.base import Group, echo_json, human_bytes, json_option, main,
 # ---------------------------------------------------------------------------------------------- ingest
 @main.command()
 @click.argument("corpus", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--memory", "-m", help="Bank name (letters, digits, -, _). Default: the corpus file's stem.")
+@click.option("--memory", "-m", help="Bank name (letters, digits, -, _). Default: the corpus file's stem. A plain "
+                                     "name: ingest writes the newest version, never BANK@TAG or BANK@vN.")
 @click.option("--encoder", "-e", metavar="SPEC",
               help="CLIP encoder: NAME:PRETRAINED (default ViT-B-32:openai), hf-hub:ORG/REPO, "
                    "CONFIG.json:WEIGHTS, or 'world'. An existing bank uses its own encoder.")
@@ -51,6 +52,10 @@ def ingest(corpus: Path, memory: str | None, encoder: str | None, fmt: str | Non
     """
     if workers and cluster:
         raise click.UsageError("--workers starts a local cluster; --cluster names a running one: give one")
+    if memory:
+        from decapflow.bank.refs import writable
+
+        writable(memory, "ingest")  # before a Prefect run starts: BANK@TAG / BANK@vN are read-only
     kwargs = dict(memory=memory, encoder=encoder, store=store, chunk_size=chunk_size, batch_size=batch_size,
                   fmt=fmt, field=field, errors=errors, device=device, progress=not as_json, workers=workers,
                   cluster=cluster)
@@ -113,7 +118,7 @@ def flow_function(flow: str, workers: int | None = None, cluster: str | None = N
 # ---------------------------------------------------------------------------------------------- memory
 @main.group(cls=Group)
 def memory() -> None:
-    """List, inspect, search, export and delete memory banks."""
+    """List, inspect, search, curate (remove, restore, tag, clone, maintain), export and delete memory banks."""
 
 
 @memory.command("list")
@@ -139,16 +144,24 @@ def memory_list(store: str | None, as_json: bool) -> None:
 @store_option
 @json_option
 def memory_show(name: str, store: str | None, as_json: bool) -> None:
-    """Describe a bank: rows, encoder, size on disk, ingests and versions."""
+    """Describe a bank (NAME, or NAME@TAG / NAME@vN at that version): rows, encoder, size on disk, ingests and
+    versions, and whether it needs 'decapflow memory maintain' (small fragments, unindexed rows, old versions)."""
+    from decapflow.bank.maintenance import health
     from decapflow.bank.memory import Registry
 
-    info = Registry(store).open(name).describe()
+    opened = Registry(store).open(name)
+    info = {**opened.describe(), "ref": str(opened.ref), "health": health(opened)}
     if as_json:
         echo_json(info)
         return
-    click.echo(f"bank      {info['name']}\nrows      {info['rows']}\nencoder   {info['encoder']} ({info['dim']}-d)")
+    click.echo(f"bank      {info['ref']}\nrows      {info['rows']}\nencoder   {info['encoder']} ({info['dim']}-d)")
     click.echo(f"on disk   {human_bytes(info['size_bytes'])}\ncreated   {info['created']}\nupdated   {info['updated']}")
     click.echo(f"version   {info['version']}")
+    needs = info["health"]["needs"]
+    where = f" --store {store}" if store else ""
+    click.echo(f"maintenance needed: decapflow memory maintain {opened.name}{where}" if needs else "maintenance fine")
+    for reason in needs:
+        click.echo(f"  - {reason}")
     click.echo("ingests:")
     for i in info["ingests"]:
         click.echo(f"  {i['time']}  {i['rows']:>9} rows  from {i['source']}")
@@ -165,11 +178,14 @@ def memory_show(name: str, store: str | None, as_json: bool) -> None:
 @store_option
 @json_option
 def memory_search(name: str, query: str, k: int, device: str | None, store: str | None, as_json: bool) -> None:
-    """Show the bank's sentences nearest to QUERY (embedded with the bank's encoder)."""
+    """Show the bank's sentences nearest to QUERY (embedded with the bank's encoder). NAME may pin a version:
+    NAME@TAG or NAME@vN."""
     from decapflow.bank.memory import Registry
     from decapflow.encoders import load_encoder
 
     bank = Registry(store).open(name)
+    if bank.pinned:
+        click.echo(f"bank {bank.ref}: version {bank.version}", err=True)
     vector = load_encoder(bank.encoder, device).encode_text([query])[0]
     hits = bank.search(vector, k)
     if as_json:
@@ -184,11 +200,13 @@ def memory_search(name: str, query: str, k: int, device: str | None, store: str 
 @click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
 @store_option
 def memory_export(name: str, output: Path, store: str | None) -> None:
-    """Write a bank to OUTPUT: .jsonl (hash, text, source), .txt (texts) or .parquet (with vectors)."""
+    """Write a bank (NAME, or NAME@TAG / NAME@vN at that version) to OUTPUT: .jsonl (hash, text, source), .txt
+    (texts) or .parquet (with vectors)."""
     from decapflow.bank.memory import Registry
 
-    n = Registry(store).open(name).export(output)
-    click.echo(f"wrote {n} rows to {output}")
+    bank = Registry(store).open(name)
+    n = bank.export(output)
+    click.echo(f"wrote {n} rows of bank {bank.ref} (version {bank.version}) to {output}")
 
 
 @memory.command("rm")
@@ -235,8 +253,9 @@ def memory_index(name: str, kind: str, partitions: int | None, iterations: int, 
     Example:  decapflow memory index bookcorpus --partitions 2048
     """
     from decapflow.bank.memory import Registry
+    from decapflow.bank.refs import writable
 
-    bank = Registry(store).open(name)
+    bank = Registry(store).open(writable(name, "memory index"))
     start = time.perf_counter()
     bank.build_index(kind, partitions=partitions, iterations=iterations, sample_rate=sample_rate,
                      accelerator="cuda" if device == "cuda" else None)
@@ -265,9 +284,10 @@ def memory_eval_set(name: str, annotations: Path | None, images: Path | None, sp
               decapflow memory eval-set coco --annotations captions_val2014.json --images val2014/
     """
     from decapflow.bank.memory import Registry
+    from decapflow.bank.refs import writable
     from decapflow.lifecycle.gate import add_image_eval_set, eval_sets, text_eval_set
 
-    bank = Registry(store).open(name)
+    bank = Registry(store).open(writable(name, "memory eval-set"))
     if bool(annotations) != bool(images):
         raise click.UsageError("--annotations and --images go together")
     if annotations and images:
@@ -305,12 +325,13 @@ def memory_image_mean(name: str, images: tuple[str, ...], limit: int, device: st
     Example: decapflow memory image-mean coco --images train2014/ --limit 2000
     """
     from decapflow.bank.memory import Registry
+    from decapflow.bank.refs import writable
     from decapflow.caption.images import ImageFailure, collect_paths, load_image
     from decapflow.caption.modality import record_image_mean
     from decapflow.encoders import load_encoder
     from decapflow.lifecycle.gate import add_domain_eval_set
 
-    bank = Registry(store).open(name)
+    bank = Registry(store).open(writable(name, "memory image-mean"))
     paths = collect_paths(images)[:limit]
     loaded = [load_image(p) for p in paths]
     good = [im for im in loaded if not isinstance(im, ImageFailure)]
@@ -350,7 +371,9 @@ def memory_import(source: Path, memory: str, encoder: str | None, text_field: st
     Example:  decapflow memory import clip_out/ --memory cc3m --encoder ViT-B-32:openai
     """
     from decapflow.bank.importer import run_import
+    from decapflow.bank.refs import writable
 
+    writable(memory, "memory import")
     report = run_import(source, memory, encoder, store, text_field=text_field, vector_field=vector_field,
                         chunk_size=chunk_size, progress=not as_json)
     if as_json:

@@ -16,7 +16,9 @@ from decapflow.cli.base import THREADS_HELP, echo_json, json_option, main, store
 # ---------------------------------------------------------------------------------------------- caption
 @main.command()
 @click.argument("images", nargs=-1, required=True)
-@click.option("--memory", "-m", required=True, help="The bank to project onto (and whose decoder to use).")
+@click.option("--memory", "-m", required=True, metavar="BANK[@TAG|@vN]",
+              help="The bank to project onto (and whose current decoder to use): BANK reads its newest version, "
+                   "BANK@TAG the version a tag pins (decapflow memory tag), BANK@vN version N.")
 @click.option("--strategy", type=click.Choice(["auto", *STRATEGIES]), default="auto",
               show_default=True,
               help="auto: rerank when the bank has a recorded mean image embedding (or with --image-mean batch), "
@@ -59,7 +61,8 @@ def caption(images: tuple[str, ...], memory: str, strategy: str, image_mean: str
             max_len: int,
             decoder_id: str | None, fmt: str, output: Path | None, annotations: Path | None, batch_size: int,
             frames: int, device: str | None, server: str | None, api_key: str | None, store: str | None) -> None:
-    """Caption IMAGES (image and video files, folders, globs) against memory bank MEMORY.
+    """Caption IMAGES (image and video files, folders, globs) against memory bank MEMORY (BANK, BANK@TAG or
+    BANK@vN: the newest version, the one a tag pins, or version N).
 
     A video (.mp4 .m4v .mov .avi .webm .mkv) gets one caption: --frames frames are sampled uniformly over it,
     embedded with the bank's CLIP, averaged and re-normalised, and captioned like an image embedding with any
@@ -69,6 +72,7 @@ def caption(images: tuple[str, ...], memory: str, strategy: str, image_mean: str
 
     \b
     Example:  decapflow caption --memory world photos/ --format jsonl
+    Pinned:   decapflow caption --memory world@prod photos/     (or --memory world@v12)
     Videos:   decapflow caption --memory world clip.mp4 videos/ --frames 16
     Through a warm server:  decapflow caption --server http://127.0.0.1:8000 --memory world photos/
     """
@@ -99,6 +103,8 @@ def caption(images: tuple[str, ...], memory: str, strategy: str, image_mean: str
         captioner = Captioner.for_bank(memory, options, decoder=decoder_id, store=store, device=device,
                                        precision=precision)
         batch_mean = image_mean == "batch"
+        if captioner.bank.pinned:
+            click.echo(f"bank {captioner.bank_ref}: version {captioner.bank_version}", err=True)
         if strategy == "auto":
             click.echo(f"strategy: {'rerank' if batch_mean else captioner.strategy} (auto: "
                        + ("the mean image embedding of these files, transductive" if batch_mean else
@@ -137,7 +143,9 @@ def _bank_sizes(ctx: click.Context, param: click.Parameter, value: str | None) -
               help="Folder of the annotated images: caption them with --memory, then score.")
 @click.option("--results", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Score an existing COCO results file ([{image_id, caption}]) instead of captioning.")
-@click.option("--memory", "-m", help="Bank (and its current decoder) for --images.")
+@click.option("--memory", "-m", metavar="BANK[@TAG|@vN]",
+              help="Bank (and its current decoder) for --images: BANK (newest version), BANK@TAG (the version a tag "
+                   "pins) or BANK@vN (version N); the report records the version read.")
 @click.option("--strategy", type=click.Choice(["auto", *STRATEGIES]), default="auto",
               show_default=True, help="Strategy for --images (see decapflow caption --help; auto: rerank when the "
                                       "bank has a mean image embedding, else topk from 100k rows, else pd).")
@@ -174,6 +182,7 @@ def evaluate_command(annotations: Path, images: Path | None, results: Path | Non
     \b
     Score a results file:      decapflow eval --annotations captions_val2014.json --results res.json
     Caption and score a set:   decapflow eval --annotations ann.json --images val2014/ --memory coco
+    ... at a pinned version:   ... --memory coco@prod   (or coco@v12)
     Compare the strategies:    ... --compare-strategies
     Scores against bank size:  ... --compare-strategies --bank-sizes 1000,10000,100000,all
 
@@ -199,7 +208,7 @@ def evaluate_command(annotations: Path, images: Path | None, results: Path | Non
         extra: dict[str, Any] = {"annotations": str(annotations), "results": str(results)}
     else:
         if images is None or memory is None:
-            raise click.UsageError("give --results FILE, or --images DIR with --memory NAME")
+            raise click.UsageError("give --results FILE, or --images DIR with --memory BANK (or BANK@TAG, BANK@vN)")
         from decapflow.caption.captioner import Captioner, Options
         from decapflow.evaluation.experiment import run_strategies, speeds
 
@@ -216,8 +225,8 @@ def evaluate_command(annotations: Path, images: Path | None, results: Path | Non
         experiment = run_strategies(base, annotations, images, strategies, metrics=metrics, split=split,
                                     limit=limit)
         table = experiment.table()
-        extra = {"annotations": str(annotations), "images": len(experiment.image_ids), "bank": memory,
-                 "bank_version": base.bank.version, "decoder": base.decoder_path.name if base.decoder_path else None,
+        extra = {"annotations": str(annotations), "images": len(experiment.image_ids), "bank": base.bank.name,
+                 "ref": base.bank_ref, "bank_version": base.bank.version, "decoder": base.decoder_path.name if base.decoder_path else None,
                  "tau": tau, "beam": beam, "images_per_s": speeds(experiment),
                  "skipped_images": [f.path for f in experiment.failures]}
     out = output_dir or _default_eval_dir(memory or "results")
@@ -247,7 +256,8 @@ def _memory_size_study(base: Any, annotations: Path, images: Path, sizes: list, 
 
     study, failures = study_annotated_images(base, annotations, images, sizes, seed, strategies, metrics, split,
                                              limit)
-    extra = {"annotations": str(annotations), "bank_version": base.bank.version, "tau": base.options.tau,
+    extra = {"annotations": str(annotations), "bank": base.bank.name, "ref": base.bank_ref,
+             "bank_version": base.bank.version, "tau": base.options.tau,
              "beam": base.options.beam, "skipped_images": [f.path for f in failures]}
     json_path, md_path, png_path = write_study(study, out, extra)
     for run in study.runs:

@@ -16,7 +16,10 @@ SHOWN = ("cider", "bleu4", "exact", "clipscore")
 
 # ---------------------------------------------------------------------------------------------- train
 @main.command()
-@click.option("--memory", "-m", required=True, help="The bank whose sentences the decoder learns.")
+@click.option("--memory", "-m", required=True, metavar="BANK[@TAG|@vN]",
+              help="The bank whose sentences the decoder learns: BANK at its newest version (pinned for the run), "
+                   "BANK@TAG at the version a tag pins, BANK@vN at version N. The decoder records the version and "
+                   "becomes a decoder of BANK.")
 @click.option("--config", default="decap-small", show_default=True,
               help="Decoder architecture: decap-base (the paper's: 4 layers, width 768), decap-small, tiny, "
                    "or a JSON file.")
@@ -66,6 +69,7 @@ def train(memory: str, config: str, epochs: int | None, max_steps: int | None, b
     \b
     Examples: decapflow train --memory world --epochs 5
               decapflow train --memory world --gate --margin 0.01
+              decapflow train --memory world@v12        (trains on version 12)
               torchrun --nproc-per-node 2 -m decapflow.cli train --memory world --prefect off
                   (DistributedDataParallel: gloo on CPU, NCCL on GPU; --batch-size is per process)
     """
@@ -88,7 +92,8 @@ def train(memory: str, config: str, epochs: int | None, max_steps: int | None, b
         echo_json({**result, "prefect_seconds": overhead})
         return
     last = result["history"][-1] if result["history"] else {}
-    click.echo(f"trained decoder {result['decoder']} on bank {memory!r}: best epoch {result['best_epoch']}, "
+    click.echo(f"trained decoder {result['decoder']} on bank {memory!r} (version {result['bank_version']}): "
+               f"best epoch {result['best_epoch']}, "
                f"val loss {result['best_val_loss']:.3f}, val token accuracy {last.get('val_acc', float('nan')):.3f}, "
                f"{result['steps']} steps in {result['train_seconds']:.0f} s")
     click.echo(result["summary"])
@@ -107,10 +112,20 @@ def decoder() -> None:
 @json_option
 def decoder_list(memory: str, store: str | None, as_json: bool) -> None:
     """The decoders of bank MEMORY, in the order registered: status (* current), bank version trained on,
-    scores on the bank's evaluation sets, parent (the decoder current when it was trained) and recipe."""
-    from decapflow.decoder.registry import list_decoders
+    scores on the bank's evaluation sets, parent (the decoder current when it was trained) and recipe.
 
+    A decoder trained on a bank version that held rows removed since (decapflow memory remove, or a restore) is
+    marked "trained on N rows since removed": it may still write those sentences. Retrain it with
+    'decapflow train --memory BANK --gate' (the retrain deployment does on the removal's event)."""
+    from decapflow.bank.memory import Registry
+    from decapflow.decoder.registry import list_decoders
+    from decapflow.lifecycle.stale import stale_rows
+
+    memory = _plain(memory, "decoder list")
     rows = list_decoders(memory, store)
+    stale = stale_rows(Registry(store).open(memory), store) if rows and Registry(store).exists(memory) else {}
+    for r in rows:
+        r["stale_rows"] = stale.get(r["id"], {}).get("rows", 0)
     if as_json:
         echo_json(rows)
         return
@@ -127,12 +142,25 @@ def decoder_list(memory: str, store: str | None, as_json: bool) -> None:
         click.echo(f"{'*' if r['current'] else ' '} {r['id']}  {'current' if r['current'] else r['status']:<10}  "
                    f"bank v{r.get('bank_version', '?')}  {r.get('config', r.get('source', ''))}  "
                    f"parent {r['parent'] or '-'}  {scores}{decided}"
-                   + (f"  recipe lr {recipe.get('lr')} epochs {recipe.get('epochs')}{noise}" if recipe else ""))
+                   + (f"  recipe lr {recipe.get('lr')} epochs {recipe.get('epochs')}{noise}" if recipe else "")
+                   + (f"  [trained on {r['stale_rows']:,} rows since removed]" if r["stale_rows"] else ""))
+
+
+def _plain(memory: str, command: str) -> str:
+    """A bank's plain name: decoders belong to a bank, not to one of its versions (``coco``, not ``coco@prod``)."""
+    from decapflow.bank.refs import BankRef
+
+    ref = BankRef.parse(memory)
+    if ref.pinned:
+        raise click.ClickException(f"{command} takes a bank's name: decoders belong to the bank, not to a version; "
+                               f"give {ref.name!r}, not {memory!r}")
+    return ref.name
 
 
 def _bank_of(decoder_id: str, memory: str | None, store: str | None) -> tuple[str, str]:
     from decapflow.decoder.registry import decoders
 
+    memory = _plain(memory, "--memory") if memory else memory
     return decoders(store).find(f"{memory}/{decoder_id}" if memory and "/" not in decoder_id else decoder_id,
                                 memory or "")
 
@@ -168,6 +196,7 @@ def decoder_rollback(memory: str, store: str | None) -> None:
     """Make the decoder that was current before the current one of bank MEMORY current again."""
     from decapflow.decoder.registry import decoders
 
+    memory = _plain(memory, "decoder rollback")
     reg = decoders(store)
     before = reg.current_id(memory)
     now = reg.rollback(memory)
@@ -184,6 +213,7 @@ def decoder_prune(memory: str, keep_rejected: int, keep_promoted: int, store: st
     """Delete old decoders of bank MEMORY. Never the current one, nor undecided challengers."""
     from decapflow.decoder.registry import decoders
 
+    memory = _plain(memory, "decoder prune")
     dropped = decoders(store).prune(memory, keep_rejected=keep_rejected, keep_promoted=keep_promoted)
     click.echo(f"deleted {len(dropped)} decoder(s) of bank {memory!r}" + (f": {', '.join(dropped)}" if dropped else ""))
 
@@ -199,6 +229,7 @@ def decoder_import(checkpoint: Path, memory: str, encoder: str, store: str | Non
     from decapflow.bank.memory import Registry
     from decapflow.decoder.checkpoint import import_official, register
 
+    memory = _plain(memory, "decoder import")
     registry = Registry(store)
     if registry.exists(memory):
         registry.open(memory).check_encoder(encoder)

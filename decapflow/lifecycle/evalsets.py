@@ -201,3 +201,21 @@ def drop_eval_sentences(bank: MemoryBank, gone: Iterable[str], store: Store | st
             _table(store).delete(f"bank = '{bank.name}' AND id = '{old.id}'")
             replaced.append(old.id)
     return replaced
+
+
+def copy_eval_sets(source: str, target: str, store: Store | str | None = None) -> list[str]:
+    """Give bank ``target`` (a clone of ``source``) the same evaluation sets, files included, so its decoders are
+    gated on what ``source``'s were. Returns the ids copied."""
+    import pyarrow.fs as pafs
+
+    store = get_store(store)
+    copied = []
+    for evalset in eval_sets(source, store):
+        folder = store.path("_evalsets", source, evalset.id)
+        if store.exists(folder):
+            store.fs.create_dir(store.path("_evalsets", target), recursive=True)
+            pafs.copy_files(folder, store.path("_evalsets", target, evalset.id), source_filesystem=store.fs,
+                            destination_filesystem=store.fs)
+        _record(store, EvalSet(**{**asdict(evalset), "bank": target}))
+        copied.append(evalset.id)
+    return copied

@@ -30,7 +30,7 @@ ROW_CHANGES = ("remove", "restore")
 
 def _latest_counts(store: Store, bank: str) -> tuple[dict[str, int], int]:
     """The newest stale counts recorded for ``bank`` and the version that change made (0: none yet)."""
-    for entry in reversed(history.history(store, bank)):
+    for entry in reversed(history.history(store, bank, current=True)):
         if entry["op"] in ROW_CHANGES and "stale" in entry["details"]:
             return dict(entry["details"]["stale"]), int(entry["version"])
     return {}, 0

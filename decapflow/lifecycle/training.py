@@ -16,14 +16,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from decapflow.bank.memory import Registry
+from decapflow.bank.memory import MemoryBank, Registry
+from decapflow.bank.refs import BankRef
 from decapflow.config import default_device, home
 from decapflow.decoder.checkpoint import register
 from decapflow.decoder.distributed import Dist
 from decapflow.decoder.model import DecoderConfig
 from decapflow.decoder.registry import decoders
 from decapflow.decoder.train import TrainRecipe, TrainResult, train_decoder
+from decapflow.errors import BankError
 from decapflow.lifecycle.gate import decide, held_out_texts, text_eval_set
+from decapflow.lifecycle.stale import stale_rows
 from decapflow.progress import Pulse
 
 __all__ = ["runs_dir", "train_bank", "train_from_bank"]
@@ -34,21 +37,37 @@ def runs_dir(bank: str) -> Path:
     return home() / "runs" / bank
 
 
+def _pinned_bank(ref: str | BankRef, version: int | None = None, store: str | None = None) -> MemoryBank:
+    """Bank ``ref`` pinned at the version training reads: ``version``, else the one ``ref`` names (``NAME@vN``, or
+    ``NAME@TAG``'s version now), else the newest now. A ``version`` that disagrees with the reference's is refused."""
+    ref = BankRef.parse(ref)
+    bank = Registry(store).open(ref)  # UnknownBank / UnknownVersion, listing what exists
+    if version is not None and ref.pinned and int(version) != bank.version:
+        raise BankError(f"bank reference {str(ref)!r} names version {bank.version}, not {version}: give one of "
+                        f"the two (e.g. {ref.name}@v{version}, or {str(ref)!r} without a version)")
+    return bank.at(version)
+
+
 def train_from_bank(
-    bank_name: str, *, config: DecoderConfig | str | Path = "decap-small", recipe: TrainRecipe | None = None,
-    store: str | None = None, resume: bool = False, progress: bool = True,
+    bank_name: str | BankRef, *, config: DecoderConfig | str | Path = "decap-small",
+    recipe: TrainRecipe | None = None, store: str | None = None, resume: bool = False, progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], Any] | None = None, version: int | None = None, promote: bool = True,
     pulse: Pulse | None = None,
 ) -> tuple[str, TrainResult]:
     """Train a decoder on a memory bank's stored texts and vectors (no CLIP re-encoding) at bank ``version``
-    (default: the newest now, pinned for the whole run), leaving out the bank's held-out evaluation sentences.
-    Registers the best checkpoint as a challenger whose parent is the current decoder, and makes it current
-    when ``promote`` (unconditionally; :func:`train_bank` can gate instead). ``resume`` continues the bank's
-    latest run. ``pulse`` gets the training's progress lines. Returns (decoder id, result)."""
+    (default: the version ``bank_name`` names, ``NAME@TAG`` or ``NAME@vN``, else the newest now; pinned for the
+    whole run), leaving out the bank's held-out evaluation sentences. The decoder belongs to the bank (its plain
+    name) and its meta records ``bank_version`` and ``bank_ref`` (the reference trained from). Registers the best
+    checkpoint as a challenger whose parent is the current decoder, and makes it current when ``promote``
+    (unconditionally; :func:`train_bank` can gate instead). ``resume`` continues the bank's latest run. ``pulse``
+    gets the training's progress lines. Returns (decoder id, result)."""
     reg = decoders(store)
-    bank = Registry(store).open(bank_name).at(version)
+    ref = BankRef.parse(bank_name)
+    bank = _pinned_bank(ref, version, store)
+    bank_name = bank.name
     if len(bank) < 2:
-        raise ValueError(f"bank {bank_name!r} has {len(bank)} sentences; ingest a corpus first")
+        raise ValueError(f"bank {str(ref)!r} has {len(bank)} sentences at version {bank.version}; ingest a corpus "
+                         f"first")
     evalset = text_eval_set(bank, store)
     held = held_out_texts(bank_name, store)
     vectors, texts = bank.vector_cache()  # memory-mapped: torchrun ranks share them through the page cache
@@ -62,7 +81,8 @@ def train_from_bank(
     dist.setup(default_device((recipe or TrainRecipe()).device))
     name = str(previous[-1] if resume else root / time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
     out_dir = Path(dist.broadcast(name))
-    meta = {"bank": bank_name, "bank_version": bank.version, "bank_rows": len(bank), "trained_rows": len(keep),
+    meta = {"bank": bank_name, "bank_version": bank.version, "bank_ref": str(ref), "bank_rows": len(bank),
+            "trained_rows": len(keep),
             "eval_set": evalset.id if evalset else None, "encoder": bank.encoder,
             "parent": reg.current_id(bank_name), "config": str(config) if not isinstance(config, DecoderConfig) else "custom",
             "recipe": (recipe or TrainRecipe()).to_dict(), "run": str(out_dir)}
@@ -79,13 +99,16 @@ def train_bank(bank: str, config: str = "decap-small", recipe: dict[str, Any] | 
                metric: str = "auto", margin: float = 0.0, version: int | None = None,
                keep_rejected: int = 5, pulse: Pulse | None = None) -> dict[str, Any]:
     """:func:`train_from_bank` then :func:`~decapflow.lifecycle.gate.decide`, with plain data in and out (what the CLI
-    and the Prefect tasks pass around). ``gate``: promote only a challenger that beats the current decoder by
+    and the Prefect tasks pass around). ``bank``: ``NAME``, ``NAME@TAG`` or ``NAME@vN`` (the version trained on;
+    ``version`` may say it too, but must agree). ``gate``: promote only a challenger that beats the current decoder by
     ``margin`` on ``metric``; otherwise promote it (by hand) but still score and record it. Old rejected
     decoders beyond ``keep_rejected`` are deleted. Returns the decoder id, decision, training summary (recipe,
     device, bank version, final losses, tokens/s, the run folder and its loss curve), seconds."""
     start = time.perf_counter()
+    ref = BankRef.parse(bank)
+    bank = ref.name  # decoders, runs, evaluation sets and decisions belong to the bank, whatever version it read
     parsed = TrainRecipe.from_dict(recipe or {})
-    decoder_id, result = train_from_bank(bank, config=config, recipe=parsed, store=store, resume=resume,
+    decoder_id, result = train_from_bank(ref, config=config, recipe=parsed, store=store, resume=resume,
                                          progress=progress, version=version, promote=False, pulse=pulse)
     trained = time.perf_counter() - start
     if not decoder_id:  # a torchrun rank other than 0: rank 0 decides
@@ -96,8 +119,8 @@ def train_bank(bank: str, config: str = "decap-small", recipe: dict[str, Any] | 
     last = result.history[-1] if result.history else {}
     seconds = sum(h["seconds"] for h in result.history)
     tokens = sum(h["tokens_per_s"] * h["seconds"] for h in result.history)
-    return {"bank": bank, "decoder": decoder_id, "promoted": decision.promoted, "decision": decision.to_dict(),
-            "summary": decision.summary(), "pruned": pruned, "config": config, "recipe": parsed.to_dict(),
+    return {"bank": bank, "ref": str(ref), "decoder": decoder_id, "promoted": decision.promoted,
+            "decision": decision.to_dict(), "summary": decision.summary(), "pruned": pruned, "config": config, "recipe": parsed.to_dict(),
             "device": str(default_device(parsed.device)), "bank_version": decision.bank_version,
             "train_loss": last.get("train_loss"), "val_loss": last.get("val_loss"),
             "tokens_per_s": tokens / seconds if seconds else None, "run": str(result.out_dir),
@@ -111,7 +134,8 @@ def retrain_due(bank: str, store: str | None = None, min_new_rows: int = 1, min_
                 ) -> tuple[bool, str]:
     """Whether ``bank`` has grown enough to train a challenger: by at least ``min_new_rows`` rows, or by at least
     the share ``min_growth``, since the last decoder trained on it (promoted or not: a rejected challenger is not
-    retried on the same rows)."""
+    retried on the same rows); or whether its current decoder learnt rows removed since (a removal or restore after
+    the last training), whatever the growth."""
     attempts = [d for d in decoders(store).list(bank) if d.get("bank_version") is not None]
     memory = Registry(store).open(bank)
     if not attempts:
@@ -119,6 +143,11 @@ def retrain_due(bank: str, store: str | None = None, min_new_rows: int = 1, min_
     last = attempts[-1]
     if last["bank_version"] == memory.version:
         return False, f"decoder {last['id']} ({last['status']}) was trained on this bank version ({memory.version})"
+    current = decoders(store).current_id(bank)
+    stale = stale_rows(memory, store)
+    if current in stale and last["bank_version"] < stale[current]["since"]:
+        return True, (f"the current decoder {current} was trained on {stale[current]['rows']} rows since removed "
+                      f"(at version {stale[current]['since']})")
     seen = int(last.get("bank_rows") or 0)
     new = len(memory) - seen
     if new >= min_new_rows:

@@ -4,8 +4,11 @@ Routes (JSON; every error is ``{"error": {"code", "message"}}``):
 
     POST /v1/captions                 images or videos (multipart files or base64 JSON) + memory, strategy, ...
     GET  /v1/banks                    the banks with rows, encoder, version and current decoder
-    GET  /v1/banks/{name}             one bank described (as ``memory show --json``) with its current decoder
-    GET  /v1/banks/{name}/search?q=   the bank sentences nearest to a text
+    GET  /v1/banks/{ref}              one bank described (as ``memory show --json``) with its tags and current decoder
+    GET  /v1/banks/{ref}/search?q=    the bank sentences nearest to a text
+
+A bank is named by a reference wherever a client names one (``memory``, ``{ref}``): ``NAME`` reads its newest
+version, ``NAME@TAG`` the version the tag pins (followed when the tag moves), ``NAME@vN`` version N.
     GET  /healthz  /readyz  /metrics  alive; preloaded banks loaded; Prometheus text
     GET  /                            the page: pick a bank, drop an image, read its caption and support
 
@@ -31,6 +34,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from decapflow._version import __version__
 from decapflow.bank.memory import Registry
+from decapflow.bank.refs import BankRef
 from decapflow.decoder.registry import current_meta
 from decapflow.serve import worker
 from decapflow.serve.batcher import MicroBatcher
@@ -177,7 +181,8 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
                 raise result
         done = time.perf_counter()
         return {
-            "memory": params.memory,
+            "memory": params.memory,  # the reference, as NAME, NAME@TAG or NAME@vN; each result says its version
+            "bank": BankRef.parse(params.memory).name,
             "results": [_result(upload, cap, version, decoder, info)
                         for upload, ((cap, version, decoder), info) in zip(uploads, results, strict=True)],
             "timings_ms": {"read": _ms(read - started), "caption": _ms(done - read),
@@ -188,20 +193,33 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     async def banks() -> list[dict[str, Any]]:
         return await asyncio.to_thread(_list_banks, settings.store)
 
-    @app.get("/v1/banks/{name}")
-    async def bank(name: str) -> dict[str, Any]:
+    @app.get("/v1/banks/{ref}")
+    async def bank(ref: str) -> dict[str, Any]:
+        """One bank at the version ``ref`` names (``NAME``, ``NAME@TAG``, ``NAME@vN``), with its tags and its current
+        decoder."""
+        parsed = _reference(ref)
+
         def describe() -> dict[str, Any]:
-            info = Registry(settings.store).open(name).describe()
-            return {**info, "decoder": current_meta(name, settings.store)}
+            opened = Registry(settings.store).open(parsed)
+            tags = {tag: version for tag, version in opened.tags().items() if not tag.startswith("_")}
+            return {**opened.describe(), "ref": str(parsed), "tags": tags,
+                    "decoder": current_meta(parsed.name, settings.store)}
 
         return await asyncio.to_thread(describe)
 
-    @app.get("/v1/banks/{name}/search")
-    async def search(name: str, q: str = Query(min_length=1, max_length=2000),
+    @app.get("/v1/banks/{ref}/search")
+    async def search(ref: str, q: str = Query(min_length=1, max_length=2000),
                      k: int = Query(10, ge=1, le=100)) -> list[dict[str, Any]]:
-        return await server.call(worker.search, name, q, k)
+        return await server.call(worker.search, str(_reference(ref)), q, k)
 
     return app
+
+
+def _reference(ref: str) -> BankRef:
+    try:
+        return BankRef.parse(ref)
+    except ValueError as exc:
+        raise ApiError(422, "invalid_parameter", str(exc)) from None
 
 
 def _list_banks(store: str | None) -> list[dict[str, Any]]:

@@ -10,7 +10,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from decapflow.errors import BankError, EncoderUnavailable, NoDecoder, UnknownBank, UnknownDecoder
+from decapflow.errors import (
+    BankError,
+    EncoderUnavailable,
+    NoDecoder,
+    UnknownBank,
+    UnknownDecoder,
+    UnknownVersion,
+)
 from decapflow.serve.batcher import QueueFull
 
 log = logging.getLogger("decapflow.serve")
@@ -42,6 +49,7 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 #: Library exceptions and what they mean to a client (checked in order: subclasses first).
 LIBRARY_ERRORS: list[tuple[type[Exception], int, str]] = [
+    (UnknownVersion, 404, "unknown_version"),  # a subclass of UnknownBank: first
     (UnknownBank, 404, "unknown_bank"),
     (UnknownDecoder, 404, "unknown_decoder"),
     (NoDecoder, 409, "no_decoder"),

@@ -10,10 +10,11 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
+from decapflow.bank.refs import BankRef
 from decapflow.caption.images import ImageFailure, load_image
 from decapflow.serve.errors import ApiError, describe_validation
 
@@ -23,7 +24,9 @@ class CaptionParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    memory: str = Field(min_length=1, max_length=64, description="A registered memory bank.")
+    memory: str = Field(min_length=1, max_length=130,
+                        description="A registered memory bank: NAME (its newest version), NAME@TAG (the version the "
+                                    "tag pins, followed when the tag moves) or NAME@vN (version N).")
     decoder: str | None = Field(None, max_length=200, description="A decoder id (ID or BANK/ID); default: the "
                                                                    "bank's current decoder.")
     strategy: Literal["auto", "pd", "topk", "nnd", "vd", "clipre", "ms", "rerank"] = Field(
@@ -36,6 +39,11 @@ class CaptionParams(BaseModel):
     n_support: int = Field(3, ge=0, le=64, description="Supporting bank sentences returned per image.")
     frames: int = Field(8, ge=1, le=64, description="Frames sampled uniformly over each video upload; the video "
                                                      "is captioned from their mean embedding (images ignore it).")
+
+    @field_validator("memory")
+    @classmethod
+    def _reference(cls, value: str) -> str:
+        return str(BankRef.parse(value))  # a bad name or tag: 422, saying what a reference looks like
 
     def options(self) -> tuple[tuple[str, Any], ...]:
         """The captioning options as hashable (name, value) pairs: a batch key, and ``Options(**dict(...))`` once

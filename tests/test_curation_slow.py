@@ -1,0 +1,109 @@
+"""Curation beside a running ingest, in separate processes, on local disk and on moto's S3: a removal or a restore
+never costs the ingest a row; purge and clone on S3 (slow: processes importing torch on two cores)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from decapflow.bank.history import history
+from decapflow.bank.ingest import run_ingest
+from decapflow.bank.matching import Criteria
+from decapflow.bank.memory import Registry
+from decapflow.lifecycle.removal import remove
+from decapflow.lifecycle.rollback import restore
+from tests.test_s3_store import keys, moto_endpoint, s3, s3_store  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.slow
+
+COLOURS = ("red", "blue", "green", "yellow", "white", "black", "purple", "orange", "grey", "pink")
+THINGS = ("dog", "cat", "bird", "car", "tree", "house", "boat", "cup", "lamp", "chair")
+
+
+def sentences(prefix: str, n: int) -> list[str]:
+    return [f"{prefix} {COLOURS[i % 10]} {THINGS[(i // 10) % 10]} number {i}" for i in range(n)]
+
+
+def start_ingest(path: Path, store: str | None, encoder: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "decapflow.cli", "ingest", str(path), "--memory", "busy", "--encoder", encoder,
+            "--chunk-size", "10", "--prefect", "off", "--json"]
+    return subprocess.Popen(args + (["--store", store] if store else []), env=dict(os.environ),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_rows(store: str | None, source: str, at_least: int, proc: subprocess.Popen, limit_s: float = 300) -> None:
+    """Until the ingest of ``source`` has committed ``at_least`` rows (bounded in time)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        registry = Registry(store)
+        if registry.exists("busy"):
+            bank = registry.open("busy")
+            if bank.table.count_rows(f"source = '{source}'") >= at_least:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"the ingest did not commit {at_least} rows of {source} in time (rc {proc.poll()})")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_an_ingest_running_through_removals_and_a_restore_keeps_all_its_rows(
+        where: str, request: pytest.FixtureRequest, tmp_path: Path, tiny_encoder_spec: str) -> None:
+    store = request.getfixturevalue("s3_store") if where == "s3" else None
+    # Long enough to run on through both changes: 80 chunks locally (~0.2 s each), 30 on moto's S3 (~1.5 s each).
+    old, new = sentences("an old", 60), sentences("a new", 800 if where == "local" else 300)
+    (tmp_path / "old.txt").write_text("".join(s + "\n" for s in old))
+    (tmp_path / "new.txt").write_text("".join(s + "\n" for s in new))
+    run_ingest(tmp_path / "old.txt", "busy", tiny_encoder_spec, store)
+    before = Registry(store).open("busy").version
+    proc = start_ingest(tmp_path / "new.txt", store, tiny_encoder_spec)
+    try:
+        wait_for_rows(store, "new.txt", 40, proc)
+        removed = remove("busy", Criteria(pattern="^an old red "), store=store)  # rows of the other file
+        done = restore("busy", version=before, store=store)  # takes out what the ingest has committed so far
+        assert removed.removed == 6 and done["rows_removed"] >= 40
+        assert proc.poll() is None  # both happened while the ingest ran
+        out, err = proc.communicate(timeout=400)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    texts = set(Registry(store).open("busy").arrays()[0])
+    assert set(new) <= texts, (out[-1500:], [(e["op"], e["time"], e["version"]) for e in history(store, "busy")])
+    assert set(old) <= texts  # the restore brought the removed rows back, too
+    assert '"rewritten": ' in out and '"rewritten": 0' not in out
+    entries = {e["op"]: e for e in history(store, "busy")}  # (the last of each kind)
+    assert entries["ingest"]["version"] > entries["restore"]["version"] > entries["remove"]["version"]
+
+
+def test_purge_and_clone_on_s3(s3_store: str, s3, tmp_path: Path, tiny_encoder_spec: str) -> None:  # noqa: F811
+    secret = "a teal rhombus belonging to zqxj at example dot org"
+    (tmp_path / "a.txt").write_text("".join(s + "\n" for s in sentences("a", 30)) + secret + "\n")
+    run_ingest(tmp_path / "a.txt", "busy", tiny_encoder_spec, s3_store, chunk_size=10)
+    from decapflow.lifecycle.cloning import clone
+
+    made = clone("busy", "trial", store=s3_store)
+    assert made["rows"] == 31 and not [k for k in keys(s3, s3_store, "trial.lance") if k.startswith("data/")]
+    assert len(Registry(s3_store).open("trial")) == 31
+    bucket, _, prefix = s3_store.removeprefix("s3://").partition("/")
+
+    def objects_holding() -> list[str]:
+        found = []
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                if secret.encode() in s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read():
+                    found.append(item["Key"])
+        return found
+
+    assert objects_holding()
+    with pytest.raises(ValueError, match="shallow clone"):
+        remove("busy", Criteria(pattern="zqxj"), store=s3_store, purge=True)
+    from decapflow.lifecycle.deletion import delete_bank
+
+    delete_bank("trial", s3_store)
+    report = remove("busy", Criteria(pattern="zqxj"), store=s3_store, purge=True)
+    assert report.removed == 1 and report.purged["versions_removed"] > 0
+    assert objects_holding() == []
+    assert len(Registry(s3_store).open("busy")) == 30
