@@ -107,3 +107,27 @@ def test_purge_and_clone_on_s3(s3_store: str, s3, tmp_path: Path, tiny_encoder_s
     assert report.removed == 1 and report.purged["versions_removed"] > 0
     assert objects_holding() == []
     assert len(Registry(s3_store).open("busy")) == 30
+
+
+def test_removal_and_restore_events_reach_prefect_and_the_retrain_trigger(own_home: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    from tests.prefect_server import ROOT, Prefect
+
+    trigger = next(d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+                   if d["name"] == "retrain-on-ingest")["triggers"][0]
+    assert {"decapflow.bank.removed", "decapflow.bank.restored"} <= set(trigger["expect"])
+    prefect = Prefect(tmp_path, own_home)
+    try:
+        monkeypatch.setenv("PREFECT_API_URL", prefect.api)
+        report = remove("shapes", Criteria(pattern="circle"))
+        assert report.event
+        (event,) = prefect.events("decapflow.bank.removed")
+        assert event["resource"]["prefect.resource.id"] == "decapflow.bank.shapes"
+        assert event["payload"]["rows_removed"] == 3 and list(event["payload"]["stale_decoders"].values()) == [3]
+        assert restore("shapes", version=2)["event"]
+        (event,) = prefect.events("decapflow.bank.restored")
+        assert event["payload"]["rows_added"] == 3 and event["payload"]["restored"] == 2
+    finally:
+        prefect.close()

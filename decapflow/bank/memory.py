@@ -195,7 +195,16 @@ class MemoryBank(VectorCache, AnnIndex):
                 "version": self.version}
 
     def describe(self) -> dict[str, Any]:
+        """What ``memory show`` prints: rows, encoder, size, the versions kept (each with the change that made it,
+        from the history), the tags and the ingests."""
         versions = self.versions()
+        if self.store is not None:
+            made = {}
+            for row in history.rows(self.store, self.name):
+                if row["op"] != "tag":
+                    made[row["version"]] = {"op": row["op"], "source": row["source"]}
+            for v in versions:
+                v["change"] = made.get(v["version"])
         return {
             "name": self.name,
             "rows": len(self),
@@ -206,6 +215,7 @@ class MemoryBank(VectorCache, AnnIndex):
             "created": self.created,
             "updated": versions[-1]["time"] if versions else self.created,
             "versions": versions,
+            "tags": self.tags(),
             "ingests": self.ingests(),
         }
 

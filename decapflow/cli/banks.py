@@ -166,8 +166,15 @@ def memory_show(name: str, store: str | None, as_json: bool) -> None:
     for i in info["ingests"]:
         click.echo(f"  {i['time']}  {i['rows']:>9} rows  from {i['source']}")
     click.echo("versions:")
+    pins = {}
+    for tag, version in info["tags"].items():
+        pins.setdefault(version, []).append(f"clone {tag[7:]}" if tag.startswith("_clone-") else f"@{tag}")
     for v in info["versions"]:
-        click.echo(f"  v{v['version']:<5} {v['time']}  {v['rows']:>9} rows")
+        change = v.get("change") or {}
+        made = f"{change.get('op', '')} {change.get('source', '')}".strip()
+        click.echo(f"  v{v['version']:<5} {v['time']}  {v['rows']:>9} rows  {made or '-':<24} "
+                   f"{' '.join(pins.get(v['version'], []))}".rstrip())
+    click.echo(f"(what made each change: decapflow memory history {opened.name})")
 
 
 @memory.command("search")
