@@ -120,7 +120,7 @@ def test_swagger_ui_and_redoc_render_offline_in_chromium(serve_app, offline_brow
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path"))
     paths = {e.get_attribute("data-path") for e in offline_browser.find_elements(By.CSS_SELECTOR,
                                                                                  ".opblock-summary-path")}
-    assert {"/v1/captions", "/v1/banks", "/v1/banks/{name}/search"} <= paths
+    assert {"/v1/captions", "/v1/banks", "/v1/banks/{ref}/search"} <= paths
     assert offline_browser.find_element(By.CSS_SELECTOR, ".info .title").text.startswith("decapflow")
     loaded = offline_browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert loaded and all(name.startswith(url + "/") for name in loaded), loaded

@@ -43,7 +43,7 @@ def maintain_beside_an_ingest(store: str | None, folder: Path, encoder: str) -> 
     deadline = time.monotonic() + 400
     while proc.poll() is None and time.monotonic() < deadline:
         results.append(maintain_bank("busy", "0", store))
-        time.sleep(0.1)
+        time.sleep(1.0)  # the ingest's lease waits back off up to 1 s: a tighter loop would starve it
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-3000:]
     assert json.loads(out)["written"] == len(second)
