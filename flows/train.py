@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 
 from decapflow.bank.memory import Registry
 from decapflow.bank.refs import BankRef
+from decapflow.decoder.registry import current_meta
 from decapflow.lifecycle.training import retrain_due, train_bank
 from flows.prefect_env import STORE_RETRIES
 from flows.report import gate_scoreboard, run_pulse, training_artifacts
@@ -43,10 +44,11 @@ train_task = task(train_bank, name="train-decoder", task_run_name="train-{bank}"
 
 def _train(bank: str, config: str, recipe: dict[str, Any] | None, store: str | None, *, resume: bool = False,
            progress: bool = False, gate: bool, metric: str, margin: float, version: int | None,
-           log_every_s: float, due: Callable[[], tuple[bool, str]] | None = None) -> dict[str, Any]:
+           log_every_s: float, due: Callable[[], tuple[bool, str]] | None = None,
+           fused: bool | dict[str, Any] | None = None) -> dict[str, Any]:
     """Under the bank's and the machine's slots: check ``due()`` (when given), train with progress in the log;
     then leave the run's artifacts. ``bank`` may pin a version (``NAME@TAG``, ``NAME@vN``); slots and artifacts
-    belong to the bank's name."""
+    belong to the bank's name. ``fused`` None: the kind of the bank's current decoder (retrieval-fused or not)."""
     logger = get_run_logger()
     name = BankRef.parse(bank).name
     with training_slot(name) as waited:
@@ -57,8 +59,10 @@ def _train(bank: str, config: str, recipe: dict[str, Any] | None, store: str | N
             if not trained:
                 return {"bank": bank, "bank_version": version, "trained": False, "reason": reason}
         pulse = run_pulse("train", name, log_every_s)
+        if fused is None:
+            fused = (current_meta(name, store) or {}).get("fused") or False
         result = train_task(bank, config, recipe or {}, store, resume, progress, gate=gate, metric=metric,
-                            margin=margin, version=version, pulse=pulse)
+                            margin=margin, version=version, pulse=pulse, fused=fused)
     pulse.say(result["summary"], 1.0)  # done, stopped early or not
     training_artifacts(result)
     gate_scoreboard(result["decision"], time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()))
@@ -68,36 +72,41 @@ def _train(bank: str, config: str, recipe: dict[str, Any] | None, store: str | N
 @flow(name="decapflow-train", flow_run_name="train-{bank}")
 def train_flow(bank: str, config: str = "decap-small", recipe: dict[str, Any] | None = None,
                store: str | None = None, resume: bool = False, progress: bool = False, gate: bool = False,
-               metric: str = "auto", margin: float = 0.0, log_every_s: float = 30.0) -> dict[str, Any]:
+               metric: str = "auto", margin: float = 0.0, log_every_s: float = 30.0,
+               fused: bool | dict[str, Any] | None = False) -> dict[str, Any]:
     """Train a decoder for one memory bank; make it current (``gate``: only when it beats the current one).
+    ``fused``: a retrieval-fused decoder (True, or ``{"neighbors": k, "fusion": ...}``; None: like the current).
     ``bank``: ``NAME`` (its newest version, pinned for the run), ``NAME@TAG`` or ``NAME@vN`` (that version; the
     decoder records it). Progress goes to the run's log every ``log_every_s`` seconds and after each validation."""
     return _train(bank, config, recipe, store, resume=resume, progress=progress, gate=gate, metric=metric,
-                  margin=margin, version=None, log_every_s=log_every_s)
+                  margin=margin, version=None, log_every_s=log_every_s, fused=fused)
 
 
 @flow(name="decapflow-retrain-bank", flow_run_name="retrain-{bank}")
 def retrain_bank_flow(bank: str, config: str = "decap-small", recipe: dict[str, Any] | None = None,
                       store: str | None = None, metric: str = "auto", margin: float = 0.0, min_new_rows: int = 1,
-                      min_growth: float | None = None, log_every_s: float = 30.0) -> dict[str, Any]:
+                      min_growth: float | None = None, log_every_s: float = 30.0,
+                      fused: bool | dict[str, Any] | None = None) -> dict[str, Any]:
     """When ``bank`` grew enough since its last decoder (``min_new_rows`` rows or a ``min_growth`` share), train
     a challenger on the bank version of this moment (pinned: ingests running meanwhile do not leak in; the run is
     renamed ``retrain-BANK-vVERSION``) and promote it only if it beats the current decoder by ``margin`` on
     ``metric``. Whether it is due is decided once the bank's slot is held, so a second retrain triggered for
-    the same rows finds them trained and skips."""
+    the same rows finds them trained and skips. The challenger is of the current decoder's kind (retrieval-fused
+    or not) unless ``fused`` says."""
     version = bank_version(bank, store)
     _rename(f"retrain-{bank}-v{version}")
     return _train(bank, config, recipe, store, gate=True, metric=metric, margin=margin, version=version,
-                  log_every_s=log_every_s, due=lambda: retrain_due_task(bank, store, min_new_rows, min_growth))
+                  log_every_s=log_every_s, due=lambda: retrain_due_task(bank, store, min_new_rows, min_growth),
+                  fused=fused)
 
 
 @flow(name="decapflow-retrain", flow_run_name="retrain-changed-banks")
 def retrain_flow(banks: list[str] | None = None, config: str = "decap-small", recipe: dict[str, Any] | None = None,
                  store: str | None = None, metric: str = "auto", margin: float = 0.0,
-                 min_new_rows: int = 1) -> list[dict[str, Any]]:
+                 min_new_rows: int = 1, fused: bool | dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Scheduled retraining: a gated challenger for every bank (or ``banks``) that changed since its current
     decoder was trained; banks without a decoder get one. Each bank is a ``retrain-BANK-vVERSION`` subflow, one
     after another. Returns the banks trained."""
-    results = [retrain_bank_flow(name, config, recipe, store, metric, margin, min_new_rows)
+    results = [retrain_bank_flow(name, config, recipe, store, metric, margin, min_new_rows, fused=fused)
                for name in banks or Registry(store).names()]
     return [r for r in results if r["trained"]]

@@ -20,7 +20,7 @@ from decapflow import cpu
 from decapflow.bank.memory import BankError, MemoryBank, Registry
 from decapflow.bank.refs import BankRef
 from decapflow.bank.rows import BF16Rows
-from decapflow.caption import modality, projection
+from decapflow.caption import fused, modality, projection
 from decapflow.caption.decoders import check_decoder_encoder, resolve_decoder  # noqa: F401  (importable from here)
 from decapflow.caption.device_projection import BankProjector
 from decapflow.config import default_device
@@ -76,6 +76,10 @@ class Options:
     max_len: int = 30
     n_support: int = 3
     batch_size: int = 64
+    #: A fused decoder's bank rows per image (None: as many as it was trained with) and what its query token is
+    #: (``auto``: ms with a recorded image mean, else vd; see decapflow.caption.fused).
+    neighbours: int | None = None
+    query: str = "auto"
 
 
 class Captioner:
@@ -161,11 +165,17 @@ class Captioner:
             raise ValueError(f"unknown strategy {options.strategy!r}; choose from {(AUTO, *projection.STRATEGIES)}")
         if self.decoder is None and options.strategy != "clipre":
             raise ValueError(f"strategy {options.strategy!r} needs a decoder")
+        if options.query not in fused.QUERIES:
+            raise ValueError(f"query must be one of {fused.QUERIES}, got {options.query!r}")
+        if options.strategy == "fused":
+            fused.require_fused(self)
         return options
 
     def default_strategy(self) -> str:
         """What ``auto`` runs: ``rerank`` when the bank has a recorded mean image embedding (it crosses the modality
         gap), else ``topk`` on banks of at least TOPK_MIN_ROWS rows, else DeCap's ``pd``."""
+        if self.decoder is not None and self.decoder.fused:
+            return "fused"
         if self.image_mean is not None:
             return "rerank"
         return "topk" if self.big() else "pd"
@@ -182,6 +192,9 @@ class Captioner:
     def auto_reason(self) -> str:
         """Why ``auto`` runs what it runs, for a person."""
         name = self.bank.name
+        if self.decoder is not None and self.decoder.fused:
+            return (f"bank {name!r}'s decoder is retrieval-fused: query {fused.query_name(self)}, "
+                    f"{self.options.neighbours or self.decoder.config.neighbors} bank rows per image")
         if self.image_mean is not None:
             return f"bank {name!r} has a recorded mean image embedding; candidates {', '.join(self.rerank_candidates())}"
         hint = f"; record one with 'decapflow memory image-mean {name} --images DIR' for rerank"
@@ -244,9 +257,17 @@ class Captioner:
         if o.strategy == "rerank":
             return self._rerank(image_vectors)
         prefixes, support = self.prefixes(image_vectors)
-        texts = self.decoder.decode_texts(prefixes, self.vocab, max_len=o.max_len, beam=o.beam,
-                                          batch_size=max(o.batch_size, 1))
+        texts = self._decode(prefixes, image_vectors)
         return [Caption(text, o.strategy, sup) for text, sup in zip(texts, support, strict=True)]
+
+    def _decode(self, prefixes: np.ndarray, image_vectors: np.ndarray) -> list[str]:
+        """Decode prefixes [C*B, D] of ``image_vectors`` [B, D] (C candidates per image, candidate-major); a fused
+        decoder also reads each image's nearest bank rows."""
+        o = self.options
+        candidates = len(prefixes) // len(np.atleast_2d(image_vectors))
+        near = fused.neighbours(self, image_vectors).tiled(candidates) if self.decoder.fused else None
+        return self.decoder.decode_texts(prefixes, self.vocab, max_len=o.max_len, beam=o.beam,
+                                         batch_size=max(o.batch_size, 1) * candidates, neighbours=near)
 
     def prefixes(self, image_vectors: np.ndarray) -> tuple[np.ndarray, list[list[tuple[str, float]]]]:
         """The strategy's decoder prefixes [B, D] and, per image, the bank sentences behind them (not for
@@ -256,6 +277,9 @@ class Captioner:
         o = self.options
         if o.strategy in ("rerank", "clipre"):
             raise ValueError(f"strategy {o.strategy!r} has no single prefix per image")
+        if o.strategy == "fused":  # the query's prefix; the support: the bank rows the decoder reads beside it
+            query = self.with_options(replace(o, strategy=fused.query_name(self))).prefixes(image_vectors)[0]
+            return query, fused.neighbours(self, image_vectors).support(o.n_support)
         if o.strategy == "pd":
             p = self.projector.project(image_vectors, tau=o.tau, n_support=o.n_support)
             return p.vectors, [self._support(i, w) for i, w in zip(p.support_ids, p.support_weights, strict=True)]
@@ -290,6 +314,8 @@ class Captioner:
                     made[name] = self._shifted(image_vectors)
                 elif name == "vd":
                     made[name] = projection.identity(image_vectors)
+                elif name == "fused":
+                    made[name] = get(fused.query_name(self))
                 elif name.startswith("pd+ms"):
                     made[name] = modality.blend(get("pd"), get("ms"), float(name[5:]))
                 else:
@@ -307,8 +333,7 @@ class Captioner:
         decoded = [n for n in names if n != "clipre"]  # clipre: the nearest bank sentence, its embedding stored
         prefixes = self.candidate_prefixes(image_vectors, decoded)
         batch, count = len(image_vectors), len(prefixes)
-        texts = self.decoder.decode_texts(np.concatenate(prefixes), self.vocab, max_len=o.max_len, beam=o.beam,
-                                          batch_size=max(o.batch_size, 1) * count)
+        texts = self._decode(np.concatenate(prefixes), image_vectors)
         by_image = [[texts[c * batch + b] for c in range(count)] for b in range(batch)]  # [B][C]
         distinct = sorted({t for row in by_image for t in row})
         embedded = dict(zip(distinct, self.encoder.encode_text(distinct), strict=True))

@@ -17,6 +17,7 @@ The strategies a captioner can pick (``STRATEGIES``):
 ``clipre``  CLIP retrieval: no decoding at all, the caller returns the bank *text* at ``nearest(...)[0][:, 0]``
 ``ms``      mean-shift gap correction, ``normalize(v - mu_img + mu_txt)`` (:mod:`decapflow.caption.modality`)
 ``rerank``  candidates (pd, nnd, ms, blends) decoded and re-ranked by CLIP text-image similarity (modality)
+``fused``   a retrieval-fused decoder reads the image's nearest bank rows beside its query token (caption.fused)
 ==========  ==========================================================================================
 
 Everything here is a pure function of arrays. Banks may be huge (millions of rows, a read-only
@@ -48,7 +49,7 @@ import numpy as np
 from decapflow.bank.rows import BF16Rows
 from decapflow.cpu import blas_threads
 
-STRATEGIES: tuple[str, ...] = ("pd", "topk", "nnd", "vd", "clipre", "ms", "rerank")
+STRATEGIES: tuple[str, ...] = ("pd", "topk", "nnd", "vd", "clipre", "ms", "rerank", "fused")
 
 #: Bytes of float32 bank rows per chunk: 1 MiB (512 rows of 512 dims) stays in a core's L2 cache between
 #: the two passes over a chunk (scores, then the weighted sum). Best of 128..8192 rows on the dev machine

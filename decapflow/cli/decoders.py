@@ -8,6 +8,7 @@ import click
 
 from decapflow.cli.banks import run_maybe_in_prefect
 from decapflow.cli.base import THREADS_HELP, Group, echo_json, json_option, main, store_option
+from decapflow.decoder.recipe import FUSED_CONFIG, FUSED_RECIPE  # no torch
 
 GATE_METRICS = ("text.cider", "text.bleu4", "text.exact", "images.cider",
                 "domain.clipscore")  # decapflow.lifecycle.gate.METRICS (no torch here)
@@ -35,6 +36,18 @@ SHOWN = ("cider", "bleu4", "exact", "clipscore")
                    "1 = off. Default: the recipe's.")
 @click.option("--noise", type=float, default=0.0, show_default=True,
               help="The same noise as a per-dimension std (width-dependent; overrides --noise-cos); 0 = off.")
+@click.option("--fused", is_flag=True,
+              help="Train a retrieval-fused decoder: it also reads each sentence's nearest bank rows (retrieved with "
+                   "noise, never the sentence itself), as images will meet them; captions then run --strategy "
+                   "fused by default. See 'Retrieval-fused decoders' in the README for when it pays.")
+@click.option("--neighbors", type=click.IntRange(min=1), metavar="K",
+              help=f"With --fused: bank rows per sentence (default {FUSED_CONFIG['neighbors']}).")
+@click.option("--fusion", type=click.Choice(["tokens", "xattn"]),
+              help=f"With --fused: tokens (the query and its K rows as K+1 prefix tokens) or xattn (one "
+                   f"cross-attention layer into one token). Default {FUSED_CONFIG['fusion']}.")
+@click.option("--retrieval-noise-cos", type=click.FloatRange(0, 1, min_open=True),
+              help=f"With --fused: noise on a sentence's embedding when it retrieves its rows, as the cosine to the "
+                   f"clean one (default {FUSED_RECIPE['retrieval_noise_cos']}).")
 @click.option("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present; bf16 autocast on CUDA).")
 @click.option("--threads", type=click.IntRange(min=1), help=THREADS_HELP)
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same data: same decoder.")
@@ -54,7 +67,8 @@ SHOWN = ("cider", "bleu4", "exact", "clipscore")
 @store_option
 @json_option
 def train(memory: str, config: str, epochs: int | None, max_steps: int | None, batch_size: int | None,
-          lr: float | None, paper: bool, noise_cos: float | None, noise: float, device: str | None, threads: int | None, seed: int,
+          lr: float | None, paper: bool, noise_cos: float | None, noise: float, fused: bool, neighbors: int | None,
+          fusion: str | None, retrieval_noise_cos: float | None, device: str | None, threads: int | None, seed: int,
           resume: bool, gate: bool, metric: str, margin: float, prefect: str, store: str | None,
           as_json: bool) -> None:
     """Train a DeCap decoder on a memory bank, text only, and make it the bank's current decoder (with --gate:
@@ -75,17 +89,21 @@ def train(memory: str, config: str, epochs: int | None, max_steps: int | None, b
     """
     from decapflow.decoder.train import TrainRecipe
 
+    if not fused and (neighbors or fusion or retrieval_noise_cos):
+        raise click.UsageError("--neighbors, --fusion and --retrieval-noise-cos go with --fused")
     base = TrainRecipe.paper() if paper else TrainRecipe()
     overrides = {k: v for k, v in {"epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "lr": lr,
-                                   "device": device, "num_threads": threads}.items() if v is not None}
-    recipe = {**base.to_dict(), **overrides, "seed": seed}
+                                   "device": device, "num_threads": threads,
+                                   "retrieval_noise_cos": retrieval_noise_cos}.items() if v is not None}
+    recipe = {**base.to_dict(), **(FUSED_RECIPE if fused else {}), **overrides, "seed": seed}
+    arch = {k: v for k, v in {"neighbors": neighbors, "fusion": fusion}.items() if v is not None}
     if noise:
         recipe.update(noise_std=noise, noise_cos=None)
     elif noise_cos is not None:
         recipe.update(noise_std=0.0, noise_cos=None if noise_cos == 1 else noise_cos)
     result, overhead = run_maybe_in_prefect("train", prefect, bank=memory, config=config, recipe=recipe,
                                             store=store, resume=resume, progress=not as_json, gate=gate,
-                                            metric=metric, margin=margin)
+                                            metric=metric, margin=margin, fused=(arch or True) if fused else None)
     if result.get("rank"):  # under torchrun, rank 0 reports
         return
     if as_json:

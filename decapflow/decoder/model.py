@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from decapflow import cpu
+from decapflow.decoder.fusion import FUSIONS, NeighbourFusion
 from decapflow.decoder.vocab import CLIP_VOCAB_SIZE, END_ID, START_ID
 
 if TYPE_CHECKING:
@@ -55,8 +56,14 @@ class DecoderConfig:
     start_id: int = START_ID  # the model's id of <start> (compact id once a Vocab is used)
     end_id: int = END_ID
     layer_norm_eps: float = 1e-5
+    #: Bank rows fused into the prefix (0: DeCap's single prefix token; see decapflow.decoder.fusion) and how.
+    neighbors: int = 0
+    fusion: str = "tokens"
 
     def __post_init__(self) -> None:
+        if self.neighbors < 0 or self.fusion not in FUSIONS:
+            raise ValueError(f"neighbors must be >= 0 and fusion one of {FUSIONS}, got {self.neighbors}, "
+                             f"{self.fusion!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if not (0 <= self.start_id < self.vocab_size and 0 <= self.end_id < self.vocab_size):
@@ -174,6 +181,8 @@ class DeCapDecoder(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
+        self.fusion = (NeighbourFusion(config.n_embd, config.n_head, config.fusion, config.layer_norm_eps)
+                       if config.neighbors else None)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("c_proj.weight"):
@@ -193,14 +202,30 @@ class DeCapDecoder(nn.Module):
     def device(self) -> torch.device:
         return self.wte.weight.device
 
+    @property
+    def fused(self) -> bool:
+        """Whether the prefix fuses the query with its nearest bank rows (``neighbors`` > 0)."""
+        return self.fusion is not None
+
+    def prefix_len(self, k: int | None = None) -> int:
+        """Prefix positions: 1, or for a fused decoder given ``k`` neighbours (default: as trained) 1 + k with
+        ``tokens`` fusion and 1 with ``xattn``."""
+        return self.fusion.tokens(self.config.neighbors if k is None else k) if self.fusion is not None else 1
+
     def forward(
-        self, prefix: torch.Tensor | None, ids: torch.Tensor | None, cache: KVCache | None = None
+        self, prefix: torch.Tensor | None, ids: torch.Tensor | None, cache: KVCache | None = None,
+        neighbours: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, T', V] for the sequence ``[prefix?, ids...]`` (T' = 1 + T with a prefix [B, D], else T).
+        """Logits [B, T', V] for the sequence ``[prefix?, ids...]`` (T' = P + T with a prefix [B, D] of P positions,
+        :meth:`prefix_len`; else T). A fused decoder's prefix also takes the query's ``neighbours`` [B, k, D].
 
         With a ``cache`` the new positions follow the cached ones and their keys/values are stored."""
         parts = []
-        if prefix is not None:
+        if prefix is not None and self.fusion is not None:
+            if neighbours is None or neighbours.ndim != 3 or neighbours.size(0) != prefix.size(0):
+                raise ValueError("a retrieval-fused decoder needs each prefix's neighbours, [B, k, prefix_dim]")
+            parts.append(self.fusion(self.prefix_proj, prefix, neighbours))  # [B,P,C]
+        elif prefix is not None:
             parts.append(self.prefix_proj(prefix.to(self.prefix_proj.weight.dtype)).unsqueeze(1))  # [B,1,C]
         if ids is not None:
             parts.append(self.wte(ids))  # [B,T,C]
@@ -221,27 +246,32 @@ class DeCapDecoder(nn.Module):
     @torch.no_grad()
     def generate(
         self, prefix: torch.Tensor | np.ndarray, max_len: int = 30, beam: int = 1,
-        length_penalty: float = 1.0, use_cache: bool = True,
+        length_penalty: float = 1.0, use_cache: bool = True, neighbours: torch.Tensor | np.ndarray | None = None,
     ) -> list[list[int]]:
         """Token ids (without ``<start>``/``<end>``) for each prefix vector [B, prefix_dim].
 
         ``beam=1``: greedy. ``beam>1``: beam search; finished hypotheses keep their place in the beam, and the
         final choice ranks ``sum(log p) / length**length_penalty`` (1.0: mean log-prob, the default; 0.0: raw
         sum, which favours short captions). Rows stop at ``<end>`` or after ``max_len`` tokens. ``use_cache=False``
-        re-runs the whole sequence at every step (greedy only; the reference for tests)."""
+        re-runs the whole sequence at every step (greedy only; the reference for tests). A fused decoder needs
+        each prefix's ``neighbours`` [B, k, prefix_dim]."""
         prefix = torch.as_tensor(prefix, dtype=torch.float32, device=self.device)
         if prefix.ndim != 2 or prefix.size(1) != self.config.prefix_dim:
             raise ValueError(f"prefix must be [B, {self.config.prefix_dim}], got {list(prefix.shape)}")
-        if max_len + 2 > self.config.block_size:
-            raise ValueError(f"max_len {max_len} + prefix + <start> exceeds block_size {self.config.block_size}")
+        if neighbours is not None:
+            neighbours = torch.as_tensor(neighbours, dtype=torch.float32, device=self.device)
+        positions = self.prefix_len(neighbours.size(1) if neighbours is not None else None)
+        if max_len + 1 + positions > self.config.block_size:
+            raise ValueError(f"max_len {max_len} + prefix ({positions}) + <start> exceeds block_size "
+                             f"{self.config.block_size}")
         if beam < 1 or beam > self.config.vocab_size:
             raise ValueError(f"beam must be in 1..vocab_size, got {beam}")
         was_training = self.training
         self.eval()
         try:
             if beam == 1:
-                return self._greedy(prefix, max_len, use_cache)
-            return self._beam_search(prefix, max_len, beam, length_penalty)
+                return self._greedy(prefix, max_len, use_cache, neighbours, positions)
+            return self._beam_search(prefix, max_len, beam, length_penalty, neighbours, positions)
         finally:
             self.train(was_training)
 
@@ -253,11 +283,12 @@ class DeCapDecoder(nn.Module):
         end = self.config.end_id
         return [row[: row.index(end)] if end in row else row for row in rows]
 
-    def _greedy(self, prefix: torch.Tensor, max_len: int, use_cache: bool) -> list[list[int]]:
+    def _greedy(self, prefix: torch.Tensor, max_len: int, use_cache: bool, neighbours: torch.Tensor | None,
+                positions: int) -> list[list[int]]:
         B = prefix.size(0)
         seq = torch.full((B, 1), self.config.start_id, dtype=torch.long, device=self.device)  # [B, 1+t]
-        cache = self.new_cache(B, max_len + 2) if use_cache else None
-        logits = self(prefix, seq, cache)[:, -1]  # [B, V]
+        cache = self.new_cache(B, max_len + 1 + positions) if use_cache else None
+        logits = self(prefix, seq, cache, neighbours)[:, -1]  # [B, V]
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         for _ in range(max_len):
             nxt = logits.argmax(-1).masked_fill(done, self.config.end_id)  # [B]
@@ -265,14 +296,16 @@ class DeCapDecoder(nn.Module):
             done |= nxt == self.config.end_id
             if bool(done.all()) or seq.size(1) > max_len:
                 break
-            logits = (self(None, nxt[:, None], cache) if use_cache else self(prefix, seq))[:, -1]
+            logits = (self(None, nxt[:, None], cache) if use_cache else self(prefix, seq, None, neighbours))[:, -1]
         return self._trim(seq[:, 1:].tolist())
 
-    def _beam_search(self, prefix: torch.Tensor, max_len: int, K: int, alpha: float) -> list[list[int]]:
+    def _beam_search(self, prefix: torch.Tensor, max_len: int, K: int, alpha: float,
+                     neighbours: torch.Tensor | None, positions: int) -> list[list[int]]:
         B, V, end = prefix.size(0), self.config.vocab_size, self.config.end_id
-        cache = self.new_cache(B * K, max_len + 2)
+        cache = self.new_cache(B * K, max_len + 1 + positions)
         start = torch.full((B * K, 1), self.config.start_id, dtype=torch.long, device=self.device)
-        logp = self(prefix.repeat_interleave(K, 0), start, cache)[:, -1].float().log_softmax(-1)  # [B*K, V]
+        repeated = neighbours.repeat_interleave(K, 0) if neighbours is not None else None
+        logp = self(prefix.repeat_interleave(K, 0), start, cache, repeated)[:, -1].float().log_softmax(-1)  # [B*K, V]
         scores = torch.full((B, K), -math.inf, device=self.device)
         scores[:, 0] = 0.0  # all beams start equal: keep one so the first step picks K distinct tokens
         tokens = torch.zeros(B * K, 0, dtype=torch.long, device=self.device)
@@ -299,16 +332,18 @@ class DeCapDecoder(nn.Module):
 
     def decode_texts(
         self, prefixes: torch.Tensor | np.ndarray, vocab: Vocab, max_len: int = 30, beam: int = 1,
-        batch_size: int = 256, length_penalty: float = 1.0,
+        batch_size: int = 256, length_penalty: float = 1.0, neighbours: torch.Tensor | np.ndarray | None = None,
     ) -> list[str]:
-        """Clean captions for prefix vectors [N, prefix_dim], generated in batches of ``batch_size``."""
+        """Clean captions for prefix vectors [N, prefix_dim] (with their ``neighbours`` [N, k, prefix_dim] for a
+        fused decoder), generated in batches of ``batch_size``."""
         if len(vocab) != self.config.vocab_size:
             raise ValueError(f"vocabulary has {len(vocab)} ids but the model {self.config.vocab_size}")
         texts: list[str] = []
         with cpu.claim():
             for i in range(0, len(prefixes), batch_size):
                 cpu.tick()
-                ids = self.generate(prefixes[i : i + batch_size], max_len, beam, length_penalty)
+                ids = self.generate(prefixes[i : i + batch_size], max_len, beam, length_penalty,
+                                    neighbours=None if neighbours is None else neighbours[i : i + batch_size])
                 texts.extend(vocab.decode(row) for row in ids)
         return texts
 

@@ -30,6 +30,11 @@ class TrainRecipe:
     #: The same noise given as the expected cosine between a noisy and a clean prefix, whatever the width
     #: (noise_std_for); None: off. CapDec's variance 0.016 at 512-d is a cosine of ~0.33.
     noise_cos: float | None = None
+    #: Retrieval-fused decoders (``DecoderConfig.neighbors`` > 0): the noise on a caption's embedding when it
+    #: retrieves its neighbours, as the expected cosine to the clean one (None: none), and the cosine above which a
+    #: row counts as a copy of the caption and is not retrieved (None: only the caption itself is left out).
+    retrieval_noise_cos: float | None = None
+    exclude_cos: float | None = None
     grad_clip: float = 1.0
     device: str | None = None  # None: decapflow.config.default_device()
     amp: str = "auto"  # bf16 autocast: "auto" (see use_bf16), "bf16" (always) or "off"
@@ -58,6 +63,29 @@ class TrainRecipe:
             raise ValueError(f"noise_cos is a cosine in (0, 1], not {self.noise_cos}")
         if self.noise_cos is not None and self.noise_std:
             raise ValueError("give the prefix noise as noise_cos or as noise_std, not both")
+        for name in ("retrieval_noise_cos", "exclude_cos"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} is a cosine in (0, 1], not {value}")
+
+
+#: What ``decapflow train --fused`` trains: the architecture (DecoderConfig fields) and the recipe's defaults for
+#: it (keys a caller sets win). Chosen on world-gap, confirmed on world-rich (README, "Retrieval-fused decoders").
+FUSED_CONFIG: dict[str, Any] = {"neighbors": 5, "fusion": "tokens"}
+FUSED_RECIPE: dict[str, Any] = {"noise_cos": 0.8, "retrieval_noise_cos": 0.8, "exclude_cos": 0.97}
+
+
+def fused_settings(fused: bool | dict[str, Any] | None) -> dict[str, Any] | None:
+    """The fused architecture for ``fused`` (True: :data:`FUSED_CONFIG`; a dict: those fields over it; falsy:
+    None, a plain decoder)."""
+    if not fused:
+        return None
+    settings = {**FUSED_CONFIG, **(fused if isinstance(fused, dict) else {})}
+    if unknown := sorted(set(settings) - set(FUSED_CONFIG)):
+        raise ValueError(f"unknown fused settings {unknown}; known: {sorted(FUSED_CONFIG)}")
+    if int(settings["neighbors"]) < 1:
+        raise ValueError(f"a fused decoder reads at least 1 neighbour, not {settings['neighbors']}")
+    return settings
 
 
 def noise_std_for(recipe: TrainRecipe, dim: int) -> float:

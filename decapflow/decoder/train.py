@@ -38,6 +38,7 @@ from decapflow.decoder.distributed import Dist
 from decapflow.decoder.model import DeCapDecoder, DecoderConfig, load_config
 from decapflow.decoder.plot import plot_losses
 from decapflow.decoder.recipe import TrainRecipe, TrainResult, noise_std_for
+from decapflow.decoder.retrieval import self_neighbours
 from decapflow.decoder.vocab import Captions, Texts, Vocab, prepare
 from decapflow.errors import TrainingDiverged
 from decapflow.progress import Pulse
@@ -84,12 +85,28 @@ def make_optimizer(model: torch.nn.Module, recipe: TrainRecipe) -> torch.optim.A
 
 
 def token_loss(model: torch.nn.Module, prefix: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
-               label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over real targets, and the logits [B, L-1, V] (prefix position dropped)."""
-    logits = model(prefix, inputs)[:, 1:]
+               label_smoothing: float, neighbours: torch.Tensor | None = None, prefix_len: int = 1
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over real targets, and the logits [B, L-1, V] (the ``prefix_len`` prefix positions
+    dropped; a fused decoder gets each caption's ``neighbours`` [B, k, D])."""
+    logits = model(prefix, inputs, None, neighbours)[:, prefix_len:]
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
                            label_smoothing=label_smoothing)
     return loss, logits
+
+
+@dataclass
+class Neighbours:
+    """A fused decoder's neighbours for every training row: ids into ``pool`` (the training rows, unit), nearest
+    first, and how long retrieving them took."""
+
+    pool: np.ndarray  # [N, D]
+    table: np.ndarray  # [N, k] int32
+    seconds: float = 0.0
+
+    def batch(self, index: np.ndarray) -> torch.Tensor:
+        """The neighbours' vectors of rows ``index``: [B, k, D]."""
+        return torch.from_numpy(self.pool[self.table[index]])
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -106,15 +123,18 @@ class _State:
 
 @torch.no_grad()
 def evaluate(model: DeCapDecoder, data: Captions, index: np.ndarray, recipe: TrainRecipe,
-             device: torch.device, autocast: Any) -> tuple[float, float]:
-    """Validation loss (same objective as training) and token accuracy, over ``index``."""
+             device: torch.device, autocast: Any, retrieved: Neighbours | None = None) -> tuple[float, float]:
+    """Validation loss (same objective as training) and token accuracy, over ``index`` (a fused decoder's
+    neighbours from ``retrieved``)."""
     was_training = model.training
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
     for i in range(0, len(index), 512):
         prefix, inputs, targets = (t.to(device) for t in data.batch(index[i : i + 512]))
+        near = retrieved.batch(index[i : i + 512]).to(device) if retrieved is not None else None
         with autocast():
-            loss, logits = token_loss(model, prefix, inputs, targets, recipe.label_smoothing)
+            loss, logits = token_loss(model, prefix, inputs, targets, recipe.label_smoothing, near,
+                                      model.prefix_len())
         real = targets != -100
         n = int(real.sum())
         loss_sum += float(loss) * n
@@ -148,6 +168,9 @@ class _Trainer:
         self.state = _State()
         self.plotted = -math.inf
         self.noise_std = noise_std_for(recipe, data.vectors.shape[1])  # training only: evaluate() adds none
+        #: A fused decoder's neighbour tables: clean ones for validation, noisy ones per epoch for training.
+        self.pool = data.unit_rows() if model.fused else None
+        self.val_neighbours = self.neighbours(None) if model.fused else None
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def save(self, improved: bool) -> None:
@@ -178,6 +201,16 @@ class _Trainer:
             torch.cuda.set_rng_state_all(saved["rng_cuda"])
         self.state = _State(**saved["state"])
 
+    def neighbours(self, epoch: int | None) -> Neighbours:
+        """Every training row's neighbours among the training rows (itself and its near-copies left out): for
+        ``epoch``, retrieved with the recipe's retrieval noise (seeded by epoch); None: without noise."""
+        r = self.recipe
+        start = time.perf_counter()
+        table = self_neighbours(self.pool, self.model.config.neighbors, exclude_cos=r.exclude_cos,
+                                noise_cos=None if epoch is None else r.retrieval_noise_cos,
+                                seed=r.seed * 100_003 + (epoch if epoch is not None else -1), device=self.device)
+        return Neighbours(self.pool, table, time.perf_counter() - start)
+
     # -- epochs -----------------------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> np.ndarray:
         """This rank's shuffled training rows for ``epoch`` (a pure function of seed and epoch)."""
@@ -191,6 +224,7 @@ class _Trainer:
         r, state = self.recipe, self.state
         order = self.epoch_order(epoch)
         noise = torch.Generator().manual_seed(r.seed * 100_003 + epoch)
+        retrieved = self.neighbours(epoch) if self.model.fused else None
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{r.epochs}", unit="batch",
                    disable=not (progress and self.dist.main), dynamic_ncols=True, leave=False)
         self.net.train()
@@ -199,15 +233,18 @@ class _Trainer:
             if state.step >= self.total_steps:
                 break
             cpu.tick()
-            prefix, inputs, targets = self.data.batch(order[b * r.batch_size : (b + 1) * r.batch_size])
+            index = order[b * r.batch_size : (b + 1) * r.batch_size]
+            prefix, inputs, targets = self.data.batch(index)
             if self.noise_std > 0:
                 prefix = F.normalize(prefix + self.noise_std * torch.randn(prefix.shape, generator=noise), dim=-1)
+            near = retrieved.batch(index).to(self.device, non_blocking=True) if retrieved is not None else None
             n = int((targets != -100).sum())
             prefix, inputs, targets = (t.to(self.device, non_blocking=True) for t in (prefix, inputs, targets))
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(state.step, r, self.total_steps)
             with self.autocast():
-                loss, _ = token_loss(self.net, prefix, inputs, targets, r.label_smoothing)
+                loss, _ = token_loss(self.net, prefix, inputs, targets, r.label_smoothing, near,
+                                     self.model.prefix_len())
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if r.grad_clip:
@@ -261,7 +298,8 @@ class _Trainer:
         while not self.finished():
             loss_sum, tokens, seconds = self.train_epoch(state.epoch, progress)
             loss_sum, tokens, seconds = self.dist.sum(loss_sum, tokens, seconds)
-            val_loss, val_acc = evaluate(self.model, self.data, self.val_idx, r, self.device, self.autocast)
+            val_loss, val_acc = evaluate(self.model, self.data, self.val_idx, r, self.device, self.autocast,
+                                         self.val_neighbours)
             metrics = {
                 "epoch": state.epoch + 1, "step": state.step, "train_loss": loss_sum / max(tokens, 1),
                 "val_loss": val_loss, "val_acc": val_acc,
@@ -316,6 +354,9 @@ def train_decoder(
     cfg = config if isinstance(config, DecoderConfig) else load_config(config)
     cfg = replace(cfg, prefix_dim=data.vectors.shape[1], vocab_size=len(vocab),
                   start_id=vocab.start_id, end_id=vocab.end_id)
+    if cfg.neighbors:  # room for the fused prefix and a 30-token caption after it (generation's default)
+        prefix = 1 + cfg.neighbors if cfg.fusion == "tokens" else 1
+        cfg = replace(cfg, block_size=max(cfg.block_size, prefix + 1 + 30))
     if cfg.block_size < recipe.max_tokens:
         raise ValueError(f"block_size {cfg.block_size} < max_tokens {recipe.max_tokens} (prefix + inputs)")
     with cpu.claim(recipe.num_threads):  # a fair share of the machine's CPUs, re-read each step (tick)

@@ -291,6 +291,12 @@ class Captions:
         prefix = torch.from_numpy(np.asarray(self.vectors[self.rows[index]], dtype=np.float32))
         return torch.nn.functional.normalize(prefix, dim=-1), inputs, ids[:, 1:]
 
+    def unit_rows(self) -> np.ndarray:
+        """The training rows' vectors, re-normalised, as one float32 array [len(self), D] (the pool a fused
+        decoder's captions retrieve their neighbours from; a copy)."""
+        rows = np.asarray(self.vectors[self.rows], dtype=np.float32)
+        return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+
 
 def prepare(texts: Texts, vectors: np.ndarray, max_tokens: int, cache: Path | None, *,
             rows: np.ndarray | None = None, dist: Dist | None = None) -> tuple[Captions, Vocab]:

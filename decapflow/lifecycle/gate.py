@@ -46,6 +46,7 @@ __all__ = ["METRICS", "Decision", "EvalSet", "add_domain_eval_set", "add_image_e
            "eval_sets", "held_out_texts", "score_decoder", "text_eval_set"]
 
 METRICS = ("text.cider", "text.bleu4", "text.exact", "images.cider", "domain.clipscore")
+SELF_COS = 0.9999  # a fused decoder scored on a bank sentence never reads that sentence itself
 
 
 # ------------------------------------------------------------------------------------------- scoring
@@ -55,7 +56,15 @@ def _score_text(model: Any, vocab: Any, bank: MemoryBank, evalset: EvalSet) -> d
     hashes, texts, vectors = rows_by_hash(bank, evalset.hashes, ["hash", "text", "vector"])
     if len(hashes) != len(evalset.hashes):
         raise BankError(f"bank {bank.name!r} lost rows of its evaluation set {evalset.id}")
-    predictions = model.decode_texts(np.asarray(vectors, dtype=np.float32), vocab, max_len=30)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    near = None
+    if model.fused:  # each sentence reads its nearest bank rows, never itself (as in training)
+        from decapflow.decoder.retrieval import nearest
+
+        pool, _ = bank.vector_cache()
+        ids, _ = nearest(vectors, pool, model.config.neighbors, clean=vectors, exclude_cos=SELF_COS)
+        near = np.asarray(pool[ids.reshape(-1)], dtype=np.float32).reshape(*ids.shape, -1)
+    predictions = model.decode_texts(vectors, vocab, max_len=30, neighbours=near)
     refs = {i: [t] for i, t in enumerate(texts)}
     metrics = score_captions(refs, dict(enumerate(predictions)), metrics=("bleu", "cider"))
     exact = float(np.mean([p.strip().lower() == t.strip().lower() for p, t in zip(predictions, texts, strict=True)]))
@@ -102,7 +111,8 @@ def score_decoder(bank: MemoryBank, decoder_id: str, evalset: EvalSet, store: St
     from decapflow.caption.modality import load_image_mean
 
     mean = load_image_mean(bank.name, bank.encoder, store) if evalset.kind != "text" else None
-    strategy = "text" if evalset.kind == "text" else ("rerank" if mean is not None else "pd")  # what users get
+    fused = bool(record.get("fused"))  # what users get: auto's strategy for this decoder and bank
+    strategy = "text" if evalset.kind == "text" else "fused" if fused else "rerank" if mean is not None else "pd"
     cached = record["scores"].get(evalset.id)
     if cached is not None and cached.get("strategy", "pd" if evalset.kind == "images" else "text") == strategy:
         return cached  # scored before, the same way (a newly recorded image mean changes the way)

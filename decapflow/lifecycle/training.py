@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from decapflow.bank.refs import BankRef
 from decapflow.config import default_device, home
 from decapflow.decoder.checkpoint import register
 from decapflow.decoder.distributed import Dist
-from decapflow.decoder.model import DecoderConfig
+from decapflow.decoder.model import DecoderConfig, load_config
+from decapflow.decoder.recipe import FUSED_RECIPE, fused_settings
 from decapflow.decoder.registry import decoders
 from decapflow.decoder.train import TrainRecipe, TrainResult, train_decoder
 from decapflow.errors import BankError
@@ -52,7 +54,7 @@ def train_from_bank(
     bank_name: str | BankRef, *, config: DecoderConfig | str | Path = "decap-small",
     recipe: TrainRecipe | None = None, store: str | None = None, resume: bool = False, progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], Any] | None = None, version: int | None = None, promote: bool = True,
-    pulse: Pulse | None = None,
+    pulse: Pulse | None = None, fused: bool | dict[str, Any] | None = None,
 ) -> tuple[str, TrainResult]:
     """Train a decoder on a memory bank's stored texts and vectors (no CLIP re-encoding) at bank ``version``
     (default: the version ``bank_name`` names, ``NAME@TAG`` or ``NAME@vN``, else the newest now; pinned for the
@@ -60,7 +62,8 @@ def train_from_bank(
     name) and its meta records ``bank_version`` and ``bank_ref`` (the reference trained from). Registers the best
     checkpoint as a challenger whose parent is the current decoder, and makes it current when ``promote``
     (unconditionally; :func:`train_bank` can gate instead). ``resume`` continues the bank's latest run. ``pulse``
-    gets the training's progress lines. Returns (decoder id, result)."""
+    gets the training's progress lines. ``fused`` (True, or ``{"neighbors": k, "fusion": ...}``) trains a
+    retrieval-fused decoder (:mod:`decapflow.decoder.fusion`). Returns (decoder id, result)."""
     reg = decoders(store)
     ref = BankRef.parse(bank_name)
     bank = _pinned_bank(ref, version, store)
@@ -81,10 +84,14 @@ def train_from_bank(
     dist.setup(default_device((recipe or TrainRecipe()).device))
     name = str(previous[-1] if resume else root / time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
     out_dir = Path(dist.broadcast(name))
+    arch = fused_settings(fused)
+    name_of_config = str(config) if not isinstance(config, DecoderConfig) else "custom"
+    if arch is not None:
+        config = replace(config if isinstance(config, DecoderConfig) else load_config(config), **arch)
     meta = {"bank": bank_name, "bank_version": bank.version, "bank_ref": str(ref), "bank_rows": len(bank),
             "trained_rows": len(keep),
             "eval_set": evalset.id if evalset else None, "encoder": bank.encoder,
-            "parent": reg.current_id(bank_name), "config": str(config) if not isinstance(config, DecoderConfig) else "custom",
+            "parent": reg.current_id(bank_name), "config": name_of_config, "fused": arch,
             "recipe": (recipe or TrainRecipe()).to_dict(), "run": str(out_dir)}
     result = train_decoder(texts, vectors, rows=keep, config=config, recipe=recipe, out_dir=out_dir,
                            resume=resume, progress=progress, on_epoch=on_epoch, meta=meta, pulse=pulse)
@@ -97,19 +104,22 @@ def train_from_bank(
 def train_bank(bank: str, config: str = "decap-small", recipe: dict[str, Any] | None = None,
                store: str | None = None, resume: bool = False, progress: bool = True, *, gate: bool = False,
                metric: str = "auto", margin: float = 0.0, version: int | None = None,
-               keep_rejected: int = 5, pulse: Pulse | None = None) -> dict[str, Any]:
+               keep_rejected: int = 5, pulse: Pulse | None = None,
+               fused: bool | dict[str, Any] | None = None) -> dict[str, Any]:
     """:func:`train_from_bank` then :func:`~decapflow.lifecycle.gate.decide`, with plain data in and out (what the CLI
     and the Prefect tasks pass around). ``bank``: ``NAME``, ``NAME@TAG`` or ``NAME@vN`` (the version trained on;
     ``version`` may say it too, but must agree). ``gate``: promote only a challenger that beats the current decoder by
     ``margin`` on ``metric``; otherwise promote it (by hand) but still score and record it. Old rejected
-    decoders beyond ``keep_rejected`` are deleted. Returns the decoder id, decision, training summary (recipe,
-    device, bank version, final losses, tokens/s, the run folder and its loss curve), seconds."""
+    decoders beyond ``keep_rejected`` are deleted. ``fused``: a retrieval-fused decoder, with
+    :data:`~decapflow.decoder.recipe.FUSED_RECIPE` under the recipe keys not given. Returns the decoder id, decision,
+    training summary (recipe, device, bank version, final losses, tokens/s, the run folder and its loss curve),
+    seconds."""
     start = time.perf_counter()
     ref = BankRef.parse(bank)
     bank = ref.name  # decoders, runs, evaluation sets and decisions belong to the bank, whatever version it read
-    parsed = TrainRecipe.from_dict(recipe or {})
+    parsed = TrainRecipe.from_dict({**(FUSED_RECIPE if fused else {}), **(recipe or {})})
     decoder_id, result = train_from_bank(ref, config=config, recipe=parsed, store=store, resume=resume,
-                                         progress=progress, version=version, promote=False, pulse=pulse)
+                                         progress=progress, version=version, promote=False, pulse=pulse, fused=fused)
     trained = time.perf_counter() - start
     if not decoder_id:  # a torchrun rank other than 0: rank 0 decides
         return {"bank": bank, "rank": Dist.from_env().rank, "history": result.history,
@@ -121,7 +131,8 @@ def train_bank(bank: str, config: str = "decap-small", recipe: dict[str, Any] | 
     tokens = sum(h["tokens_per_s"] * h["seconds"] for h in result.history)
     return {"bank": bank, "ref": str(ref), "decoder": decoder_id, "promoted": decision.promoted,
             "decision": decision.to_dict(), "summary": decision.summary(), "pruned": pruned, "config": config, "recipe": parsed.to_dict(),
-            "device": str(default_device(parsed.device)), "bank_version": decision.bank_version,
+            "fused": fused_settings(fused), "device": str(default_device(parsed.device)),
+            "bank_version": decision.bank_version,
             "train_loss": last.get("train_loss"), "val_loss": last.get("val_loss"),
             "tokens_per_s": tokens / seconds if seconds else None, "run": str(result.out_dir),
             "loss_plot": str(result.out_dir / "loss.png"), "best_epoch": result.best_epoch,

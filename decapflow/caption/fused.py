@@ -1,0 +1,74 @@
+"""Captioning with a retrieval-fused decoder (:mod:`decapflow.decoder.fusion`): each image retrieves its nearest bank
+rows, and the decoder reads them beside the query token.
+
+``fused``, the strategy: the query token is the image moved across the modality gap (``ms``) when the bank has a
+recorded image mean, else the raw image (``vd``) (``Options.query`` picks another: any single-prefix strategy),
+and the neighbours are the ``l`` bank rows nearest to the raw image (CLIP ranks sentences for an image across the
+gap; ``Options.neighbours``, default: as many as the decoder was trained with). Every other decoding strategy
+run with a fused decoder (pd, topk, nnd, ms, vd, and rerank's candidates) gets the same neighbours beside its own
+prefix. The rows come from the exact top-l over the bank's local copy, or from its ANN index on big banks, as
+``topk``'s do.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from decapflow.caption import projection
+from decapflow.errors import BankError
+
+if TYPE_CHECKING:
+    from decapflow.caption.captioner import Captioner
+
+__all__ = ["QUERIES", "Neighbours", "neighbours", "query_name", "require_fused"]
+
+#: What ``Options.query`` may name: the prefix strategy whose vector is the fused decoder's query token.
+QUERIES = ("auto", "ms", "vd", "pd", "topk", "nnd")
+
+
+class Neighbours:
+    """The bank rows each image retrieved: vectors [B, l, D] (float32, nearest first), their texts and cosines."""
+
+    def __init__(self, vectors: np.ndarray, texts: list[list[str]], sims: np.ndarray) -> None:
+        self.vectors, self.texts, self.sims = vectors, texts, sims
+
+    def support(self, n: int) -> list[list[tuple[str, float]]]:
+        return [[(t, round(float(s), 4)) for t, s in zip(row[:n], sims[:n], strict=True) if t]
+                for row, sims in zip(self.texts, self.sims, strict=True)]
+
+    def tiled(self, times: int) -> np.ndarray:
+        """The vectors repeated for ``times`` candidate prefixes per image, candidate-major ([C*B, l, D])."""
+        return np.concatenate([self.vectors] * times) if times > 1 else self.vectors
+
+
+def require_fused(captioner: Captioner) -> None:
+    if captioner.decoder is None or not captioner.decoder.fused:
+        name = captioner.bank.name
+        raise BankError(f"strategy 'fused' needs a retrieval-fused decoder, and bank {name!r}'s decoder "
+                        f"{captioner.decoder_id or ''} is a plain one; train one with: decapflow train --memory "
+                        f"{name} --fused (or pick another --strategy)")
+
+
+def query_name(captioner: Captioner) -> str:
+    """The prefix strategy ``fused`` uses as its query token (``Options.query``; ``auto``: ms with an image mean,
+    else vd)."""
+    query = captioner.options.query
+    if query == "auto":
+        return "ms" if captioner.image_mean is not None else "vd"
+    return query
+
+
+def neighbours(captioner: Captioner, image_vectors: np.ndarray) -> Neighbours:
+    """Each image's ``l`` nearest bank rows (``Options.neighbours``, default the decoder's k)."""
+    l_rows = captioner.options.neighbours or captioner.decoder.config.neighbors
+    image_vectors = np.atleast_2d(image_vectors)
+    if captioner.uses_index():
+        vectors, texts = captioner.bank.ann_neighbors(image_vectors, l_rows)
+        sims = np.einsum("bkd,bd->bk", vectors, projection.identity(image_vectors))
+        return Neighbours(vectors, texts, sims)
+    ids, sims = projection.nearest(image_vectors, captioner.vectors, k=l_rows)
+    vectors = np.asarray(captioner.vectors[ids.reshape(-1)], dtype=np.float32).reshape(*ids.shape, -1)
+    texts = [[captioner._text(i) for i in row] for row in ids]
+    return Neighbours(vectors, texts, sims)
