@@ -23,7 +23,7 @@ def unit(n: int, d: int, seed: int = 0) -> np.ndarray:
 
 
 def run(*args: str, ok: bool = True):
-    result = CliRunner(mix_stderr=False).invoke(main, list(args))
+    result = CliRunner().invoke(main, list(args))
     if ok:
         assert result.exit_code == 0, result.output + result.stderr + repr(result.exception)
     return result

@@ -46,9 +46,8 @@ class Neighbours:
 def require_fused(captioner: Captioner) -> None:
     if captioner.decoder is None or not captioner.decoder.fused:
         name = captioner.bank.name
-        raise BankError(f"strategy 'fused' needs a retrieval-fused decoder, and bank {name!r}'s decoder "
-                        f"{captioner.decoder_id or ''} is a plain one; train one with: decapflow train --memory "
-                        f"{name} --fused (or pick another --strategy)")
+        raise BankError(f"strategy 'fused' needs a retrieval-fused decoder, and bank {name!r}'s decoder is a plain "
+                        f"one; train one with: decapflow train --memory {name} --fused (or pick another --strategy)")
 
 
 def query_name(captioner: Captioner) -> str:

@@ -29,9 +29,15 @@ class CaptionParams(BaseModel):
                                     "tag pins, followed when the tag moves) or NAME@vN (version N).")
     decoder: str | None = Field(None, max_length=200, description="A decoder id (ID or BANK/ID); default: the "
                                                                    "bank's current decoder.")
-    strategy: Literal["auto", "pd", "topk", "nnd", "vd", "clipre", "ms", "rerank"] = Field(
-        "auto", description="auto: rerank when the bank has a recorded mean image embedding, else topk on banks of "
-                            "100k rows or more, else pd; each result names the strategy that ran.")
+    strategy: Literal["auto", "pd", "topk", "nnd", "vd", "clipre", "ms", "rerank", "fused"] = Field(
+        "auto", description="auto: fused when the bank's decoder is retrieval-fused, else rerank when the bank has a "
+                            "recorded mean image embedding, else topk on banks of 100k rows or more, else pd; each "
+                            "result names the strategy that ran.")
+    neighbours: int | None = Field(None, ge=1, le=64, description="Bank rows a retrieval-fused decoder reads per "
+                                                                   "image (default: as many as it was trained with).")
+    query: Literal["auto", "ms", "vd", "pd", "topk", "nnd"] = Field(
+        "auto", description="A retrieval-fused decoder's query token: auto (ms with a recorded image mean, else vd) "
+                            "or another single-prefix strategy.")
     tau: float = Field(0.01, gt=0, le=10, description="Projection temperature.")
     k: int = Field(64, ge=1, le=4096, description="Neighbours for strategy topk.")
     beam: int = Field(1, ge=1, le=16, description="Beam width (1 = greedy).")
