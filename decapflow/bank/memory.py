@@ -32,6 +32,7 @@ import pyarrow as pa
 from decapflow.bank import history
 from decapflow.bank.annindex import AnnIndex
 from decapflow.bank.cache import PRECISIONS, VectorCache  # noqa: F401  (PRECISIONS: importable from here)
+from decapflow.bank.ivf import LocalIvf
 from decapflow.bank.refs import BankRef, checkout_version, latest_version
 from decapflow.bank.rows import vector_rows
 from decapflow.bank.store import Store, get_store
@@ -81,7 +82,7 @@ class SearchHit:
     row: int
 
 
-class MemoryBank(VectorCache, AnnIndex):
+class MemoryBank(VectorCache, AnnIndex, LocalIvf):
     """One bank: a LanceDB table plus what its metadata says (encoder spec, dimension).
 
     Opened as ``NAME`` it reads the newest version; as ``NAME@TAG`` or ``NAME@vN`` (:attr:`ref`) it is pinned to one

@@ -351,23 +351,26 @@ class Captioner:
                 for row, i, s in zip(by_image, best, scores, strict=True)]
 
     def uses_index(self) -> bool:
-        """Whether ``topk`` takes its neighbours from the bank's ANN index: on banks of ANN_MIN_ROWS rows or more (not
-        a restricted subset: the index covers the whole bank) that have one, or when ``topk`` was asked for by name
-        (it then builds the index on first use). ``auto`` never builds one: without it, the exact top-k costs what
-        ``pd`` costs."""
+        """Whether ``topk`` (and a fused decoder's retrieval) takes its neighbours from an index: on banks of
+        ANN_MIN_ROWS rows or more (not a restricted subset: an index covers the whole bank) that have one (this
+        version's in-process IVF, or LanceDB's), or when ``topk`` was asked for by name (it then builds the IVF on
+        first use). ``auto`` never builds one: without it, the exact top-k costs what ``pd`` costs."""
         if len(self.vectors) < ANN_MIN_ROWS or self.row_ids is not None:
             return False
-        return self.bank.has_index() or (self.options.strategy == "topk" and not self.auto)
+        return (self.bank.has_ivf(self.precision) or self.bank.has_index()
+                or (self.options.strategy == "topk" and not self.auto))
 
     def _topk(self, image_vectors: np.ndarray) -> tuple[np.ndarray, list[list[tuple[str, float]]]]:
         o = self.options
-        if not self.uses_index():
-            ids, _ = projection.nearest(image_vectors, self.vectors, k=o.k)
+        indexed = self.uses_index()
+        index = self.bank.ivf(self.precision, build=not self.auto) if indexed else None
+        if index is not None or not indexed:  # the in-process IVF's rows, or the exact top-k
+            ids = (index.search(image_vectors, o.k)[0] if index is not None
+                   else projection.nearest(image_vectors, self.vectors, k=o.k)[0])
             p = projection.project_subset(image_vectors, self.vectors, tau=o.tau, neighbor_ids=ids,
                                           n_support=o.n_support)
             return p.vectors, [self._support(i, w) for i, w in zip(p.support_ids, p.support_weights, strict=True)]
-        if not self.bank.has_index():
-            self.bank.build_index()
+        # auto on a bank with LanceDB's index but no IVF for this version yet: LanceDB's search
         vectors, texts = self.bank.ann_neighbors(image_vectors, o.k)  # [B, k, D], [B][k]
         batch, k, dim = vectors.shape
         ids = np.arange(batch * k).reshape(batch, k)

@@ -6,8 +6,8 @@ recorded image mean, else the raw image (``vd``) (``Options.query`` picks anothe
 and the neighbours are the ``l`` bank rows nearest to the raw image (CLIP ranks sentences for an image across the
 gap; ``Options.neighbours``, default: as many as the decoder was trained with). Every other decoding strategy
 run with a fused decoder (pd, topk, nnd, ms, vd, and rerank's candidates) gets the same neighbours beside its own
-prefix. The rows come from the exact top-l over the bank's local copy, or from its ANN index on big banks, as
-``topk``'s do.
+prefix. The rows come from the exact top-l over the bank's local copy, or on big banks from its in-process IVF
+(:mod:`decapflow.bank.ivf`; LanceDB's index when only that exists), as ``topk``'s do.
 """
 
 from __future__ import annotations
@@ -63,7 +63,14 @@ def neighbours(captioner: Captioner, image_vectors: np.ndarray) -> Neighbours:
     """Each image's ``l`` nearest bank rows (``Options.neighbours``, default the decoder's k)."""
     l_rows = captioner.options.neighbours or captioner.decoder.config.neighbors
     image_vectors = np.atleast_2d(image_vectors)
-    if captioner.uses_index():
+    indexed = captioner.uses_index()
+    index = captioner.bank.ivf(captioner.precision, build=not captioner.auto) if indexed else None
+    if index is not None:  # the in-process IVF (padded with -1 when its probes held fewer rows)
+        ids, sims = index.search(image_vectors, l_rows)
+        vectors = projection.gather_neighbors(captioner.vectors, ids)
+        texts = [[captioner._text(i) if i >= 0 else "" for i in row] for row in ids]
+        return Neighbours(vectors, texts, np.where(ids >= 0, sims, 0).astype(np.float32))
+    if indexed:  # auto on a bank with LanceDB's index and no IVF for this version yet
         vectors, texts = captioner.bank.ann_neighbors(image_vectors, l_rows)
         sims = np.einsum("bkd,bd->bk", vectors, projection.identity(image_vectors))
         return Neighbours(vectors, texts, sims)
