@@ -12,14 +12,22 @@ Per way of projecting, with tau 0.01 and k 64:
 
 * ``pd``: exact projection over the bank's float32 copy, batches of 64 (what ``Captioner`` runs);
 * ``exact top-k``: the exact 64 nearest rows (``nearest``) then ``project_subset``: the best any 64-row ANN can do;
-* ``topk npN``: ``bank.ann_neighbors`` over the IVF_FLAT index (``decapflow memory index``'s default) at nprobes N,
-  then ``project_subset`` (what ``Captioner._topk`` runs on a bank of >= 200k rows).
+* ``topk npN``: ``bank.ann_neighbors`` over LanceDB's IVF_FLAT index (``decapflow memory index``'s default) at
+  nprobes N, then ``project_subset`` (what ``Captioner._topk`` ran on a bank of >= 200k rows before the in-process
+  IVF);
+* ``ivf npN``: the in-process IVF (:mod:`decapflow.bank.ivf`, built by ``decapflow memory index`` beside the local
+  copy) searched at nprobes N, then ``project_subset`` over the local copy (what ``Captioner._topk`` runs now on a bank
+  of >= 200k rows, at DEFAULT_NPROBES).
+
+After the table: fused retrieval (each image's ``l`` = 5 and 9 nearest rows gathered from the local copy, the part
+of ``fused`` that reads the bank) exact and through the IVF, against ``pd``; and what reusing an earlier version's
+centroids costs in recall (centroids trained on the first half of the rows, every row assigned).
 
 it prints ms/image of the projection (decoding is the same for all and timed once), recall@64 against the exact 64
 nearest rows, the cosine of its prefixes to ``pd``'s, the share of captions identical to ``pd``'s, CIDEr (x100) and
 attribute accuracy of the decoded captions. Ingest, decoder training and index build are run in subprocesses
 (wall time and peak RSS). ``--home`` keeps the bank, decoder and index, so a second run measures only the
-strategies (``--rebuild-index`` rebuilds the index).
+strategies (``--rebuild-index`` rebuilds both indexes).
 
     .venv/bin/python benchmarks/big_world.py --rows 20000 --steps 300 --images 64     # smoke run, ~3 minutes
     .venv/bin/python benchmarks/big_world.py --rows 1000000 --home /tmp/bigworld       # ~35 minutes the first time
@@ -63,6 +71,13 @@ from decapflow.bank.memory import Registry
 start = time.perf_counter(); Registry().open({bank!r}).build_index("ivf_flat")
 result = {{"seconds": time.perf_counter() - start}}
 """
+IVF = """
+import sys, time; sys.path.insert(0, {root!r})
+from decapflow.bank.memory import Registry
+bank = Registry().open({bank!r}); bank.vector_cache()  # the local copy first: what a captioner has already
+start = time.perf_counter(); index = bank.build_ivf(rebuild={rebuild!r})
+result = {{"seconds": time.perf_counter() - start, "partitions": index.partitions, "meta": index.meta}}
+"""
 
 
 def prepare(home: Path, rows: int, steps: int, rebuild_index: bool) -> dict:
@@ -100,6 +115,13 @@ def prepare(home: Path, rows: int, steps: int, rebuild_index: bool) -> dict:
         got = run_child(INDEX.format(root=str(ROOT), bank=BANK), env)
         figures.update(index_s=got["seconds"], index_peak_rss_gb=got["peak_rss_gb"])
         print(f"IVF_FLAT index: {got['seconds']:.0f} s, peak RSS {got['peak_rss_gb']:.2f} GB", flush=True)
+        bank = Registry().open(BANK)  # the index made a new version
+    if rebuild_index or not bank.has_ivf():
+        got = run_child(IVF.format(root=str(ROOT), bank=BANK, rebuild=rebuild_index), env)
+        figures.update(ivf_s=got["seconds"], ivf_peak_rss_gb=got["peak_rss_gb"], ivf_partitions=got["partitions"])
+        print(f"in-process IVF: {got['partitions']} partitions in {got['seconds']:.0f} s (k-means "
+              f"{got['meta']['train_s']:.0f} s, assignment {got['meta']['assign_s']:.0f} s), peak RSS "
+              f"{got['peak_rss_gb']:.2f} GB", flush=True)
     return figures
 
 
@@ -118,7 +140,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000, help="distinct sentences in the bank")
     parser.add_argument("--steps", type=int, default=1500, help="decoder training steps (batch 64)")
     parser.add_argument("--images", type=int, default=300, help="rendered test images (split TEST_SEED)")
-    parser.add_argument("--nprobes", type=int, nargs="+", default=[1, 2, 5, 10, 20])
+    parser.add_argument("--nprobes", type=int, nargs="+", default=[5, 10, 20], help="of LanceDB's index")
+    parser.add_argument("--ivf-nprobes", type=int, nargs="+", default=None,
+                        help="of the in-process IVF (default: 4, 8, DEFAULT_NPROBES, 32)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--home", type=Path, default=None, help="keep the bank, decoder and index here")
@@ -143,6 +167,7 @@ def measure(args: argparse.Namespace, home: Path, figures: dict) -> None:
     import torch
 
     from corpora import world
+    from decapflow.bank.ivf import DEFAULT_NPROBES
     from decapflow.caption.captioner import Captioner, Options
     from decapflow.caption.projection import nearest, project, project_subset
     from decapflow.evaluation.evaluate import load_coco_references, score_many
@@ -184,11 +209,21 @@ def measure(args: argparse.Namespace, home: Path, figures: dict) -> None:
             return prefixes, np.array([[row_of.get(t, -1) for t in row] for row in texts])
         return run
 
+    index = bank.ivf(build=False)  # prepare() built it for this version
+    ivf_nprobes = args.ivf_nprobes or sorted({4, 8, DEFAULT_NPROBES, 32})
+
+    def ivf(nprobes):
+        def run(q):
+            found, _ = index.search(q, K, nprobes)
+            return project_subset(q, vectors, neighbor_ids=found).vectors, found
+        return run
+
     def nnd(q):
         near, _ = nearest(q, vectors, k=1)
         return np.asarray(vectors[near[:, 0]], dtype=np.float32), None
 
     ways = {"pd": exact_pd, "exact top-k": exact_top(K), **{f"topk np{n}": ann(n) for n in args.nprobes},
+            **{f"ivf np{n}" + (" (default)" if n == DEFAULT_NPROBES else ""): ivf(n) for n in ivf_nprobes},
             "exact top-16": exact_top(16), "nnd": nnd}
     results: dict[str, dict] = {}
     exact_ids = {}
@@ -235,9 +270,67 @@ def measure(args: argparse.Namespace, home: Path, figures: dict) -> None:
               f"{'-' if row['recall'] is None else format(row['recall'], '.3f')} | "
               f"{row['cos_mean']:.4f} / {row['cos_min']:.4f} | {same:.1%} | {kept:.1%} | "
               f"{row.get('cider', float('nan')):.1f} | {row.get('attr', float('nan')):.1f} |")
+    retrieval(index, vectors, queries, results["images/pd"]["ms"], ivf_nprobes, args.repeats, figures)
+    reuse(home, index, vectors, queries, exact_ids["images"], ivf_nprobes, figures)
     if args.sizes:
         by_size(captioner, {i: refs[i] for i in ids}, ids, queries, scenes, args.sizes, figures)
     reranked(captioner, {i: refs[i] for i in ids}, ids, queries, scenes, figures)
+
+
+def retrieval(index, vectors, queries: np.ndarray, pd_ms: float, nprobes: list[int], repeats: int, figures: dict
+              ) -> None:
+    """What ``fused`` reads from the bank: each image's l nearest rows, gathered from the local copy ([B, l, D])."""
+    from decapflow.caption.projection import nearest
+
+    print(f"\nfused retrieval: the l nearest rows of each image, gathered from the local copy (batches of 64; pd "
+          f"{pd_ms:.2f} ms/image in the same run)\n")
+    print("| l | way | ms/image | x pd's speed | recall@l |\n|---:|---|---:|---:|---:|")
+    for rows in (5, 9):
+        exact = nearest(queries, vectors, k=rows)[0]
+        ways = {"exact": lambda q, r=rows: nearest(q, vectors, k=r)[0],
+                **{f"ivf np{n}": lambda q, r=rows, n=n: index.search(q, r, n)[0] for n in nprobes}}
+        for name, fn in ways.items():
+            out, seconds = timed_batches(lambda q, fn=fn: _gathered(fn, q, vectors), queries, repeats)
+            found = np.concatenate(out)
+            recall = float(np.mean([len(set(f) & set(e)) / rows for f, e in zip(found, exact, strict=True)]))
+            figures[f"fused-retrieval/l{rows}/{name}"] = {"ms": seconds * 1e3, "speedup": pd_ms / (seconds * 1e3),
+                                                          "recall": recall}
+            print(f"| {rows} | {name} | {seconds * 1e3:.3f} | {pd_ms / (seconds * 1e3):.1f} | {recall:.4f} |")
+
+
+def _gathered(fn, q: np.ndarray, vectors) -> np.ndarray:
+    from decapflow.caption.projection import gather_neighbors
+
+    found = fn(q)
+    gather_neighbors(vectors, found)
+    return found
+
+
+def reuse(home: Path, index, vectors, queries: np.ndarray, exact: np.ndarray, nprobes: list[int], figures: dict
+          ) -> None:
+    """Recall@64 when the centroids come from an earlier version: trained on the first half of the rows (the bank
+    before its last ingest of the same size), every row assigned, against this version's own centroids."""
+    import shutil
+
+    from decapflow.bank.ivf import IvfIndex, train_centroids
+
+    folder = home / "ivf-reuse-check"
+    shutil.rmtree(folder, ignore_errors=True)
+    start = time.perf_counter()
+    half = train_centroids(np.asarray(vectors[: len(vectors) // 2]), index.partitions)
+    train_s = time.perf_counter() - start
+    start = time.perf_counter()
+    reused = IvfIndex.write(folder, vectors, "float32", centroids=half)
+    assign_s = time.perf_counter() - start
+    print(f"\ncentroids of the first {len(vectors) // 2:,} rows reused for all {len(vectors):,} (k-means {train_s:.0f} s, "
+          f"assignment and sorting {assign_s:.0f} s): recall@64 of image queries\n")
+    print("| nprobes | own centroids | reused centroids |\n|---:|---:|---:|")
+    for n in nprobes:
+        own, old = (float(np.mean([len(set(f) & set(e)) / K for f, e in
+                                   zip(ix.search(queries, K, n)[0], exact, strict=True)])) for ix in (index, reused))
+        figures[f"reuse/np{n}"] = {"own": own, "reused": old}
+        print(f"| {n} | {own:.4f} | {old:.4f} |")
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def reranked(captioner, refs: dict, ids: list[int], queries: np.ndarray, scenes: dict, figures: dict) -> None:

@@ -162,6 +162,7 @@ def test_ann_index_finds_stored_rows() -> None:
     result = CliRunner().invoke(main, ["memory", "index", "ann", "--partitions", "8", "--iterations", "2"])
     assert result.exit_code == 0, result.output
     assert "ivf_flat index over 6,000 rows" in result.output and Registry().open("ann").index_kind() == "ivf_flat"
+    assert "in-process IVF (8 partitions)" in result.output and Registry().open("ann").has_ivf()  # topk's
     small = Registry().create("small", "e", 4)
     with pytest.raises(BankError, match="too few for an ANN index"):
         small.build_index()

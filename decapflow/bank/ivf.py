@@ -56,6 +56,8 @@ SAMPLE_PER_PARTITION = 64
 ASSIGN_CHUNK_BYTES = 64 << 20
 #: Reuse an earlier version's centroids while the rows are within this factor of the rows they were trained on.
 REUSE_FACTOR = 2.0
+#: Partitions probed by at most this many queries of a batch are scored one query at a time (matrix-vector).
+SMALL_GROUP = 2
 ROWS_FILES = {"float32": "rows.npy", "bfloat16": "rows.bf16.npy"}
 
 
@@ -127,6 +129,8 @@ class IvfIndex:
         self.rows = rows
         self.meta = meta
         self.sizes = np.diff(self.offsets)
+        self._offsets = self.offsets.tolist()  # Python ints: indexing them in the scoring loop is cheapest
+        self._rows = rows.bits if isinstance(rows, BF16Rows) else np.asarray(rows)  # plain views: cheap slices
         self.partitions = len(self.centroids)
         self.dim = self.centroids.shape[1]
 
@@ -225,47 +229,50 @@ class IvfIndex:
     def _score(self, q: np.ndarray, probes: np.ndarray, starts: np.ndarray, scores: np.ndarray,
                threads: int | None) -> None:
         """Fill ``scores`` [B, width]: query b's probe j writes its partition's dot products at starts[b, j]."""
-        batch, n = probes.shape
+        n = probes.shape[1]
         flat = probes.reshape(-1)
-        by_partition = np.argsort(flat, kind="stable")
-        parts = flat[by_partition]
-        cuts = np.flatnonzero(np.diff(parts)) + 1
-        groups = [(int(p), (g // n), starts.reshape(-1)[g])
-                  for p, g in zip(parts[np.concatenate([[0], cuts])], np.split(by_partition, cuts), strict=True)
-                  if self.sizes[p]]
+        order = np.argsort(flat, kind="stable")  # the (query, probe) pairs grouped by partition
+        parts = flat[order]
+        bounds = np.flatnonzero(np.r_[True, parts[1:] != parts[:-1], True])
+        pairs = (order // n, starts.reshape(-1)[order])  # each pair's query and where its scores go
+        group_parts = parts[bounds[:-1]]
+        cost = self.sizes[group_parts] * (1 + np.diff(bounds) / 8)  # bytes read, and a little per query
+        groups = np.stack([group_parts, bounds[:-1], bounds[1:]], axis=1)[self.sizes[group_parts] > 0]
+        cost = cost[self.sizes[group_parts] > 0]
         if threads is None:
             import torch
 
             threads = torch.get_num_threads()
         threads = max(1, min(threads, len(groups)))
-        if threads == 1:
-            with blas_threads(1):
-                self._score_groups(q, groups, scores)
-            return
-        cost = np.array([self.sizes[p] * (1 + len(b)) for p, b, _ in groups], dtype=np.float64)
-        shares: list[list] = [[] for _ in range(threads)]
-        load = np.zeros(threads)
-        for i in np.argsort(-cost, kind="stable"):  # largest first, each to the least loaded thread
-            t = int(np.argmin(load))
-            shares[t].append(groups[i])
-            load[t] += cost[i]
         with blas_threads(1):
-            list(_pool().map(lambda share: self._score_groups(q, share, scores), shares))
+            if threads == 1:
+                self._score_groups(q, groups.tolist(), pairs, scores)
+                return
+            # the partitions in turns of similar cost, largest first, each to the least loaded thread
+            shares: list[list] = [[] for _ in range(threads)]
+            load = np.zeros(threads)
+            for i in np.argsort(-cost, kind="stable").tolist():
+                t = int(np.argmin(load))
+                shares[t].append(groups[i].tolist())
+                load[t] += cost[i]
+            list(_pool().map(lambda share: self._score_groups(q, share, pairs, scores), shares))
 
-    def _score_groups(self, q: np.ndarray, groups: list, scores: np.ndarray) -> None:
-        buffer = None
-        if isinstance(self.rows, BF16Rows):
-            buffer = np.empty((int(max(self.sizes[p] for p, _, _ in groups)) if groups else 0, self.dim), np.float32)
-        for p, queries, at in groups:
-            start, stop = int(self.offsets[p]), int(self.offsets[p + 1])
-            rows = _float_rows(self.rows, start, stop, buffer)
+    def _score_groups(self, q: np.ndarray, groups: list[list[int]], pairs: tuple[np.ndarray, np.ndarray],
+                      scores: np.ndarray) -> None:
+        """Score the partitions ``groups`` ([partition, first pair, end pair] each) for the queries that probe them."""
+        offsets, (which, at) = self._offsets, pairs
+        rows_all, bf16 = self._rows, isinstance(self.rows, BF16Rows)
+        buffer = np.empty((int(self.sizes.max()), self.dim), np.float32) if bf16 else None
+        for p, lo, hi in groups:
+            start, stop = offsets[p], offsets[p + 1]
             size = stop - start
-            if len(queries) == 1:
-                b, s = int(queries[0]), int(at[0])
-                np.dot(rows, q[b], out=scores[b, s : s + size])
+            rows = BF16Rows.decode(rows_all[start:stop], buffer[:size]) if bf16 else rows_all[start:stop]
+            if hi - lo <= SMALL_GROUP:  # one matrix-vector product per query: the rows stay in cache between them
+                for b, s in zip(which[lo:hi].tolist(), at[lo:hi].tolist(), strict=True):
+                    np.dot(rows, q[b], out=scores[b, s : s + size])
             else:
-                block = q[queries] @ rows.T  # [g, size]
-                for j, (b, s) in enumerate(zip(queries, at, strict=True)):
+                block = q[which[lo:hi]] @ rows.T  # [g, size]
+                for j, (b, s) in enumerate(zip(which[lo:hi].tolist(), at[lo:hi].tolist(), strict=True)):
                     scores[b, s : s + size] = block[j]
 
 
