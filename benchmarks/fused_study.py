@@ -57,12 +57,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
                     "recipe": {"noise_cos": None, "retrieval_noise_cos": None, "exclude_cos": 0.97}},
     "fused-noisy": {"fused": {"neighbors": 5, "fusion": "tokens"},
                     "recipe": {"noise_cos": 0.6, "retrieval_noise_cos": 0.6, "exclude_cos": 0.97}},
+    "fused-entity": {"fused": {"neighbors": 5, "fusion": "tokens"},
+                     "recipe": {"noise_cos": 0.8, "retrieval_noise_cos": 0.8, "exclude_cos": 0.97,
+                                "entity_min_count": 3}},
 }
 #: Strategies per decoder kind: (name shown, Options fields).
 PLAIN = [("pd", {"strategy": "pd"}), ("nnd", {"strategy": "nnd"}), ("ms", {"strategy": "ms"}),
          ("rerank", {"strategy": "rerank"})]
 FUSED = [("fused q=ms", {"strategy": "fused", "query": "ms"}), ("fused q=vd", {"strategy": "fused", "query": "vd"}),
-         ("fused q=pd", {"strategy": "fused", "query": "pd"}), ("rerank", {"strategy": "rerank"})]
+         ("fused q=pd", {"strategy": "fused", "query": "pd"}), ("rerank", {"strategy": "rerank"}),
+         ("rerank ms,vd", {"strategy": "rerank", "candidates": ("ms", "vd")}),
+         ("rerank ms,vd,pd", {"strategy": "rerank", "candidates": ("ms", "vd", "pd")})]
 
 
 def rich_references(folder: Path) -> dict[int, list[str]]:
@@ -166,10 +171,16 @@ def main() -> None:
                 references = {i: r for i, r in rich_references(folder).items() if i in set(image_ids)}
         meta = reg.record(bank, decoder_id) or {}
         for name, fields in (FUSED if meta.get("fused") else PLAIN):
+            fields = dict(fields)
+            candidates = fields.pop("candidates", None)
             captioner = base.with_options(replace(base.options, **fields))
-            captioner.caption_embeddings(vectors[:8])  # warm
+
+            def run(v: Any, captioner: Any = captioner, candidates: Any = candidates) -> list[Any]:
+                return captioner._rerank(v, candidates) if candidates else captioner.caption_embeddings(v)
+
+            run(vectors[:8])  # warm
             start = time.perf_counter()
-            captions = captioner.caption_embeddings(vectors)
+            captions = run(vectors)
             speed = len(image_ids) / (time.perf_counter() - start)
             if name == "pd" and pd_speed is None:
                 pd_speed = speed

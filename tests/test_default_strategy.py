@@ -40,12 +40,18 @@ def test_auto_runs_pd_without_an_image_mean_and_rerank_with_one(own_home: Path) 
     assert Captioner.for_bank("shapes", Options(strategy="pd")).strategy == "pd"  # asked for: kept
 
 
-def test_the_cli_says_which_strategy_ran(own_home: Path, images: Path) -> None:
+def test_the_cli_says_which_strategy_ran(own_home: Path, images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import decapflow.caption.files as files
+
     runner = CliRunner()
     out = runner.invoke(main, ["caption", "--memory", "shapes", str(images), "--format", "jsonl"])
     assert out.exit_code == 0, out.output
     assert "strategy: pd (auto: bank 'shapes' has no mean image embedding" in out.stderr
     assert {json.loads(line)["strategy"] for line in out.stdout.splitlines()} == {"pd"}
+    few = runner.invoke(main, ["caption", "--memory", "shapes", str(images), "--image-mean", "batch"])
+    assert few.exit_code == 1 and "3 readable file(s) are too few" in few.stderr and "at least 32" in few.stderr
+    assert few.stdout == ""  # refused: nothing captioned with the three images' own mean
+    monkeypatch.setattr(files, "MIN_BATCH_MEAN", 3)
     batch = runner.invoke(main, ["caption", "--memory", "shapes", str(images), "--format", "jsonl",
                                  "--image-mean", "batch"])
     assert batch.exit_code == 0, batch.output

@@ -120,3 +120,26 @@ def test_fused_on_a_plain_decoder_and_bad_options_are_clear_errors(own_home: Pat
     assert out.exit_code == 1 and "needs a retrieval-fused decoder" in out.stderr and "--fused" in out.stderr
     out = run("train", "--memory", "shapes", "--neighbors", "3", "--prefect", "off", ok=False)
     assert out.exit_code == 2 and "go with --fused" in out.stderr
+
+
+def test_an_entity_prompt_holds_what_most_neighbours_share_and_trains_and_decodes(tmp_path: Path) -> None:
+    from decapflow.decoder.checkpoint import load_decoder
+    from decapflow.decoder.entities import PROMPT_TOKENS, prompts
+    from decapflow.decoder.recipe import TrainRecipe
+    from decapflow.decoder.train import train_decoder
+
+    df = np.array([0.9, 0.1, 0.1, 0.05, 0.6, 0.0])  # id 0: a function word; 4: common; 5: the filler
+    sets = [[np.array([0, 1, 3]), np.array([0, 1, 4]), np.array([0, 1, 3, 4]), np.array([0, 2])]]
+    got = prompts(sets, df, min_count=2, fill=5)
+    assert got.shape == (1, PROMPT_TOKENS) and got[0, :2].tolist() == [1, 3] and (got[0, 2:] == 5).all()
+    texts = [f"{c} {s} number {i}" for i in range(12) for c in ("red", "blue", "green") for s in ("circle", "box")]
+    v = unit(len(texts), 16, 2)
+    recipe = TrainRecipe(epochs=2, batch_size=16, val_fraction=0.1, entity_min_count=2, retrieval_noise_cos=0.9)
+    result = train_decoder(texts, v, config=replace(load_config("tiny"), neighbors=3), recipe=recipe,
+                           out_dir=tmp_path / "run", progress=False, token_cache=False)
+    model, vocab, _ = load_decoder(result.best)
+    assert model.config.prompt_tokens == PROMPT_TOKENS and float(model.token_df.max()) > 0.9  # <start> is in all
+    near, prompt = torch.from_numpy(v[[[1, 2, 3], [0, 2, 3]]]), np.full((2, PROMPT_TOKENS), vocab.end_id)
+    assert len(model.decode_texts(v[:2], vocab, neighbours=near, prompt=prompt)) == 2
+    with pytest.raises(ValueError, match="entity prompt"):
+        model.decode_texts(v[:2], vocab, neighbours=near)

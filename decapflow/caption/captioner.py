@@ -265,9 +265,9 @@ class Captioner:
         decoder also reads each image's nearest bank rows."""
         o = self.options
         candidates = len(prefixes) // len(np.atleast_2d(image_vectors))
-        near = fused.neighbours(self, image_vectors).tiled(candidates) if self.decoder.fused else None
+        near, prompt = fused.neighbours(self, image_vectors).tiled(candidates) if self.decoder.fused else (None, None)
         return self.decoder.decode_texts(prefixes, self.vocab, max_len=o.max_len, beam=o.beam,
-                                         batch_size=max(o.batch_size, 1) * candidates, neighbours=near)
+                                         batch_size=max(o.batch_size, 1) * candidates, neighbours=near, prompt=prompt)
 
     def prefixes(self, image_vectors: np.ndarray) -> tuple[np.ndarray, list[list[tuple[str, float]]]]:
         """The strategy's decoder prefixes [B, D] and, per image, the bank sentences behind them (not for

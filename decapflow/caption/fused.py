@@ -12,11 +12,12 @@ prefix. The rows come from the exact top-l over the bank's local copy, or on big
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from decapflow.caption import projection
+from decapflow.decoder.entities import prompts, text_sets
 from decapflow.errors import BankError
 
 if TYPE_CHECKING:
@@ -29,18 +30,24 @@ QUERIES = ("auto", "ms", "vd", "pd", "topk", "nnd")
 
 
 class Neighbours:
-    """The bank rows each image retrieved: vectors [B, l, D] (float32, nearest first), their texts and cosines."""
+    """The bank rows each image retrieved: vectors [B, l, D] (float32, nearest first), their texts and cosines, and
+    for a decoder with an entity prompt each image's prompt [B, T] (:mod:`decapflow.decoder.entities`)."""
 
-    def __init__(self, vectors: np.ndarray, texts: list[list[str]], sims: np.ndarray) -> None:
-        self.vectors, self.texts, self.sims = vectors, texts, sims
+    def __init__(self, vectors: np.ndarray, texts: list[list[str]], sims: np.ndarray,
+                 prompt: np.ndarray | None = None) -> None:
+        self.vectors, self.texts, self.sims, self.prompt = vectors, texts, sims, prompt
 
     def support(self, n: int) -> list[list[tuple[str, float]]]:
         return [[(t, round(float(s), 4)) for t, s in zip(row[:n], sims[:n], strict=True) if t]
                 for row, sims in zip(self.texts, self.sims, strict=True)]
 
-    def tiled(self, times: int) -> np.ndarray:
-        """The vectors repeated for ``times`` candidate prefixes per image, candidate-major ([C*B, l, D])."""
-        return np.concatenate([self.vectors] * times) if times > 1 else self.vectors
+    def tiled(self, times: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The vectors (and prompts) repeated for ``times`` candidate prefixes per image, candidate-major
+        ([C*B, l, D], [C*B, T])."""
+        if times == 1:
+            return self.vectors, self.prompt
+        prompt = None if self.prompt is None else np.concatenate([self.prompt] * times)
+        return np.concatenate([self.vectors] * times), prompt
 
 
 def require_fused(captioner: Captioner) -> None:
@@ -73,8 +80,17 @@ def neighbours(captioner: Captioner, image_vectors: np.ndarray) -> Neighbours:
     if indexed:  # auto on a bank with LanceDB's index and no IVF for this version yet
         vectors, texts = captioner.bank.ann_neighbors(image_vectors, l_rows)
         sims = np.einsum("bkd,bd->bk", vectors, projection.identity(image_vectors))
-        return Neighbours(vectors, texts, sims)
-    ids, sims = projection.nearest(image_vectors, captioner.vectors, k=l_rows)
-    vectors = np.asarray(captioner.vectors[ids.reshape(-1)], dtype=np.float32).reshape(*ids.shape, -1)
-    texts = [[captioner._text(i) for i in row] for row in ids]
-    return Neighbours(vectors, texts, sims)
+    else:
+        ids, sims = projection.nearest(image_vectors, captioner.vectors, k=l_rows)
+        vectors = np.asarray(captioner.vectors[ids.reshape(-1)], dtype=np.float32).reshape(*ids.shape, -1)
+        texts = [[captioner._text(i) for i in row] for row in ids]
+    return Neighbours(vectors, texts, sims, entity_prompt(captioner.decoder, captioner.vocab, texts))
+
+
+def entity_prompt(decoder: Any, vocab: Any, texts: list[list[str]]) -> np.ndarray | None:
+    """Each image's entity prompt from its neighbours' texts, for a decoder that reads one (else None)."""
+    if not decoder.config.prompt_tokens:
+        return None
+    df = decoder.token_df.detach().cpu().numpy()
+    return prompts([text_sets([t for t in row if t], vocab) for row in texts], df, decoder.config.prompt_min_count,
+                   vocab.end_id)

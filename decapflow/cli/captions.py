@@ -21,8 +21,11 @@ from decapflow.cli.base import THREADS_HELP, echo_json, json_option, main, store
                    "BANK@TAG the version a tag pins (decapflow memory tag), BANK@vN version N.")
 @click.option("--strategy", type=click.Choice(["auto", *STRATEGIES]), default="auto",
               show_default=True,
-              help="auto: rerank when the bank has a recorded mean image embedding (or with --image-mean batch), "
-                   "else topk on banks of 100k rows or more, else pd (stderr says which ran). pd: projection onto the whole bank (DeCap), exact; topk: projection onto the k nearest rows, "
+              help="auto: fused when the bank's decoder is retrieval-fused ('train --fused'), else rerank when the "
+                   "bank has a recorded mean image embedding (or with --image-mean batch), else topk on banks of 100k "
+                   "rows or more, else pd (stderr says which ran). fused: the decoder reads the image's nearest bank "
+                   "rows beside its query token. pd: projection onto the whole bank (DeCap), exact; topk: projection "
+                   "onto the k nearest rows, "
                    "exact below 200k rows, APPROXIMATE above (neighbours from the bank's IVF index, built on first use "
                    "or by 'decapflow memory index'); nnd: nearest bank embedding; vd: the raw image embedding; "
                    "clipre: the nearest bank sentence; ms: the image moved across the modality gap (mean shift); "
@@ -34,6 +37,11 @@ from decapflow.cli.base import THREADS_HELP, echo_json, json_option, main, store
                    "(transductive: each caption then depends on the whole batch; give it dozens of images or more).")
 @click.option("--tau", default=0.01, show_default=True, help="Projection temperature.")
 @click.option("--k", default=64, show_default=True, help="Neighbours for --strategy topk.")
+@click.option("--neighbours", type=click.IntRange(1, 64),
+              help="Bank rows a retrieval-fused decoder reads per image (default: as many as it was trained with).")
+@click.option("--query", type=click.Choice(["auto", "ms", "vd", "pd", "topk", "nnd"]), default="auto",
+              show_default=True,
+              help="A retrieval-fused decoder's query token: auto is ms with a recorded image mean, else vd.")
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
               help="Of the bank copy that pd/topk/nnd/clipre read: bfloat16 halves its memory (same projections to "
                    "cosine 1e-5) but is 0.66-0.83x as fast; auto uses it from 8 GiB of float32 vectors (4M rows at "
@@ -57,7 +65,7 @@ from decapflow.cli.base import THREADS_HELP, echo_json, json_option, main, store
 @click.option("--api-key", envvar="DECAPFLOW_API_KEY", help="The server's API key (for --server).")
 @store_option
 def caption(images: tuple[str, ...], memory: str, strategy: str, image_mean: str, tau: float, k: int,
-            precision: str, beam: int,
+            neighbours: int | None, query: str, precision: str, beam: int,
             max_len: int,
             decoder_id: str | None, fmt: str, output: Path | None, annotations: Path | None, batch_size: int,
             frames: int, device: str | None, server: str | None, api_key: str | None, store: str | None) -> None:
@@ -89,7 +97,8 @@ def caption(images: tuple[str, ...], memory: str, strategy: str, image_mean: str
         from decapflow.serve.client import ServeClient
 
         params = {"memory": memory, "decoder": decoder_id, "strategy": strategy, "tau": tau, "k": k, "beam": beam,
-                  "max_len": max_len, "frames": frames}
+                  "max_len": max_len, "frames": frames, "query": query,
+                  **({"neighbours": neighbours} if neighbours else {})}
         def retrying(message: str, wait: float) -> None:
             click.echo(f"{message}; retrying in {wait:g} s", err=True)
 
@@ -99,7 +108,8 @@ def caption(images: tuple[str, ...], memory: str, strategy: str, image_mean: str
         from decapflow.caption.captioner import Captioner, Options
         from decapflow.caption.files import caption_paths
 
-        options = Options(strategy=strategy, tau=tau, k=k, beam=beam, max_len=max_len, batch_size=batch_size)
+        options = Options(strategy=strategy, tau=tau, k=k, beam=beam, max_len=max_len, batch_size=batch_size,
+                          neighbours=neighbours, query=query)
         captioner = Captioner.for_bank(memory, options, decoder=decoder_id, store=store, device=device,
                                        precision=precision)
         batch_mean = image_mean == "batch"
@@ -217,6 +227,8 @@ def evaluate_command(annotations: Path, images: Path | None, results: Path | Non
                                   device=device)
         if compare_strategies and base.image_mean is None:
             strategies = [s for s in strategies if s not in ("ms", "rerank")]
+        if compare_strategies and not base.decoder.fused:
+            strategies = [s for s in strategies if s != "fused"]  # a plain decoder reads no bank rows
         strategies = [base.strategy if s == "auto" else s for s in strategies]  # the table names what ran
         if bank_sizes:
             _memory_size_study(base, annotations, images, bank_sizes, seed, strategies, metrics, split, limit,

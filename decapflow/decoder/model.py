@@ -59,6 +59,10 @@ class DecoderConfig:
     #: Bank rows fused into the prefix (0: DeCap's single prefix token; see decapflow.decoder.fusion) and how.
     neighbors: int = 0
     fusion: str = "tokens"
+    #: Tokens of the entity prompt read between the prefix and <start> (0: none), and how many neighbours must
+    #: hold a token for it to be an entity (decapflow.decoder.entities).
+    prompt_tokens: int = 0
+    prompt_min_count: int = 0
 
     def __post_init__(self) -> None:
         if self.neighbors < 0 or self.fusion not in FUSIONS:
@@ -183,6 +187,8 @@ class DeCapDecoder(nn.Module):
         self.lm_head.weight = self.wte.weight  # tied
         self.fusion = (NeighbourFusion(config.n_embd, config.n_head, config.fusion, config.layer_norm_eps)
                        if config.neighbors else None)
+        if config.prompt_tokens:  # the share of training sentences holding each token (the entity prompt's baseline)
+            self.register_buffer("token_df", torch.zeros(config.vocab_size))
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("c_proj.weight"):
@@ -247,6 +253,7 @@ class DeCapDecoder(nn.Module):
     def generate(
         self, prefix: torch.Tensor | np.ndarray, max_len: int = 30, beam: int = 1,
         length_penalty: float = 1.0, use_cache: bool = True, neighbours: torch.Tensor | np.ndarray | None = None,
+        prompt: torch.Tensor | np.ndarray | None = None,
     ) -> list[list[int]]:
         """Token ids (without ``<start>``/``<end>``) for each prefix vector [B, prefix_dim].
 
@@ -254,13 +261,20 @@ class DeCapDecoder(nn.Module):
         final choice ranks ``sum(log p) / length**length_penalty`` (1.0: mean log-prob, the default; 0.0: raw
         sum, which favours short captions). Rows stop at ``<end>`` or after ``max_len`` tokens. ``use_cache=False``
         re-runs the whole sequence at every step (greedy only; the reference for tests). A fused decoder needs
-        each prefix's ``neighbours`` [B, k, prefix_dim]."""
+        each prefix's ``neighbours`` [B, k, prefix_dim], and one with an entity prompt its ``prompt`` [B, T] (compact
+        ids read before ``<start>``)."""
         prefix = torch.as_tensor(prefix, dtype=torch.float32, device=self.device)
         if prefix.ndim != 2 or prefix.size(1) != self.config.prefix_dim:
             raise ValueError(f"prefix must be [B, {self.config.prefix_dim}], got {list(prefix.shape)}")
         if neighbours is not None:
             neighbours = torch.as_tensor(neighbours, dtype=torch.float32, device=self.device)
         positions = self.prefix_len(neighbours.size(1) if neighbours is not None else None)
+        if self.config.prompt_tokens:
+            if prompt is None or len(prompt) != prefix.size(0):
+                raise ValueError(f"this decoder reads an entity prompt of {self.config.prompt_tokens} tokens per "
+                                 f"prefix before it writes")
+            prompt = torch.as_tensor(prompt, dtype=torch.long, device=self.device)
+            positions += prompt.size(1)
         if max_len + 1 + positions > self.config.block_size:
             raise ValueError(f"max_len {max_len} + prefix ({positions}) + <start> exceeds block_size "
                              f"{self.config.block_size}")
@@ -270,8 +284,8 @@ class DeCapDecoder(nn.Module):
         self.eval()
         try:
             if beam == 1:
-                return self._greedy(prefix, max_len, use_cache, neighbours, positions)
-            return self._beam_search(prefix, max_len, beam, length_penalty, neighbours, positions)
+                return self._greedy(prefix, max_len, use_cache, neighbours, positions, prompt)
+            return self._beam_search(prefix, max_len, beam, length_penalty, neighbours, positions, prompt)
         finally:
             self.train(was_training)
 
@@ -283,10 +297,16 @@ class DeCapDecoder(nn.Module):
         end = self.config.end_id
         return [row[: row.index(end)] if end in row else row for row in rows]
 
+    def _start(self, rows: int, prompt: torch.Tensor | None) -> torch.Tensor:
+        """The first input tokens: ``[prompt..., <start>]`` [rows, T+1]."""
+        start = torch.full((rows, 1), self.config.start_id, dtype=torch.long, device=self.device)
+        return start if prompt is None else torch.cat([prompt, start], dim=1)
+
     def _greedy(self, prefix: torch.Tensor, max_len: int, use_cache: bool, neighbours: torch.Tensor | None,
-                positions: int) -> list[list[int]]:
+                positions: int, prompt: torch.Tensor | None = None) -> list[list[int]]:
         B = prefix.size(0)
-        seq = torch.full((B, 1), self.config.start_id, dtype=torch.long, device=self.device)  # [B, 1+t]
+        seq = self._start(B, prompt)  # [B, T+1+t]
+        given = seq.size(1)
         cache = self.new_cache(B, max_len + 1 + positions) if use_cache else None
         logits = self(prefix, seq, cache, neighbours)[:, -1]  # [B, V]
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
@@ -294,16 +314,17 @@ class DeCapDecoder(nn.Module):
             nxt = logits.argmax(-1).masked_fill(done, self.config.end_id)  # [B]
             seq = torch.cat([seq, nxt[:, None]], dim=1)
             done |= nxt == self.config.end_id
-            if bool(done.all()) or seq.size(1) > max_len:
+            if bool(done.all()) or seq.size(1) - given >= max_len:
                 break
             logits = (self(None, nxt[:, None], cache) if use_cache else self(prefix, seq, None, neighbours))[:, -1]
-        return self._trim(seq[:, 1:].tolist())
+        return self._trim(seq[:, given:].tolist())
 
     def _beam_search(self, prefix: torch.Tensor, max_len: int, K: int, alpha: float,
-                     neighbours: torch.Tensor | None, positions: int) -> list[list[int]]:
+                     neighbours: torch.Tensor | None, positions: int, prompt: torch.Tensor | None = None
+                     ) -> list[list[int]]:
         B, V, end = prefix.size(0), self.config.vocab_size, self.config.end_id
         cache = self.new_cache(B * K, max_len + 1 + positions)
-        start = torch.full((B * K, 1), self.config.start_id, dtype=torch.long, device=self.device)
+        start = self._start(B * K, None if prompt is None else prompt.repeat_interleave(K, 0))
         repeated = neighbours.repeat_interleave(K, 0) if neighbours is not None else None
         logp = self(prefix.repeat_interleave(K, 0), start, cache, repeated)[:, -1].float().log_softmax(-1)  # [B*K, V]
         scores = torch.full((B, K), -math.inf, device=self.device)
@@ -333,6 +354,7 @@ class DeCapDecoder(nn.Module):
     def decode_texts(
         self, prefixes: torch.Tensor | np.ndarray, vocab: Vocab, max_len: int = 30, beam: int = 1,
         batch_size: int = 256, length_penalty: float = 1.0, neighbours: torch.Tensor | np.ndarray | None = None,
+        prompt: torch.Tensor | np.ndarray | None = None,
     ) -> list[str]:
         """Clean captions for prefix vectors [N, prefix_dim] (with their ``neighbours`` [N, k, prefix_dim] for a
         fused decoder), generated in batches of ``batch_size``."""
@@ -343,7 +365,8 @@ class DeCapDecoder(nn.Module):
             for i in range(0, len(prefixes), batch_size):
                 cpu.tick()
                 ids = self.generate(prefixes[i : i + batch_size], max_len, beam, length_penalty,
-                                    neighbours=None if neighbours is None else neighbours[i : i + batch_size])
+                                    neighbours=None if neighbours is None else neighbours[i : i + batch_size],
+                                    prompt=None if prompt is None else prompt[i : i + batch_size])
                 texts.extend(vocab.decode(row) for row in ids)
         return texts
 

@@ -35,6 +35,9 @@ class TrainRecipe:
     #: row counts as a copy of the caption and is not retrieved (None: only the caption itself is left out).
     retrieval_noise_cos: float | None = None
     exclude_cos: float | None = None
+    #: A fused decoder's entity prompt: tokens at least this many of a caption's neighbours hold (and far more
+    #: often than the bank does) are read before <start> (decapflow.decoder.entities); 0: no prompt.
+    entity_min_count: int = 0
     grad_clip: float = 1.0
     device: str | None = None  # None: decapflow.config.default_device()
     amp: str = "auto"  # bf16 autocast: "auto" (see use_bf16), "bf16" (always) or "off"

@@ -35,6 +35,7 @@ from decapflow import cpu
 from decapflow.config import cache_dir, default_device
 from decapflow.decoder.checkpoint import load_decoder, replace_dir, write_decoder_files
 from decapflow.decoder.distributed import Dist
+from decapflow.decoder.entities import PROMPT_TOKENS, document_frequency, prompts, token_sets
 from decapflow.decoder.model import DeCapDecoder, DecoderConfig, load_config
 from decapflow.decoder.plot import plot_losses
 from decapflow.decoder.recipe import TrainRecipe, TrainResult, noise_std_for
@@ -103,10 +104,14 @@ class Neighbours:
     pool: np.ndarray  # [N, D]
     table: np.ndarray  # [N, k] int32
     seconds: float = 0.0
+    prompts: np.ndarray | None = None  # [N, T] compact ids: each row's entity prompt (decapflow.decoder.entities)
 
     def batch(self, index: np.ndarray) -> torch.Tensor:
         """The neighbours' vectors of rows ``index``: [B, k, D]."""
         return torch.from_numpy(self.pool[self.table[index]])
+
+    def prompt(self, index: np.ndarray) -> np.ndarray | None:
+        return None if self.prompts is None else self.prompts[index]
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -130,8 +135,10 @@ def evaluate(model: DeCapDecoder, data: Captions, index: np.ndarray, recipe: Tra
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
     for i in range(0, len(index), 512):
-        prefix, inputs, targets = (t.to(device) for t in data.batch(index[i : i + 512]))
-        near = retrieved.batch(index[i : i + 512]).to(device) if retrieved is not None else None
+        rows = index[i : i + 512]
+        prompt = retrieved.prompt(rows) if retrieved is not None else None
+        prefix, inputs, targets = (t.to(device) for t in data.batch(rows, prompt))
+        near = retrieved.batch(rows).to(device) if retrieved is not None else None
         with autocast():
             loss, logits = token_loss(model, prefix, inputs, targets, recipe.label_smoothing, near,
                                       model.prefix_len())
@@ -170,6 +177,12 @@ class _Trainer:
         self.noise_std = noise_std_for(recipe, data.vectors.shape[1])  # training only: evaluate() adds none
         #: A fused decoder's neighbour tables: clean ones for validation, noisy ones per epoch for training.
         self.pool = data.unit_rows() if model.fused else None
+        self.token_sets = self.token_df = None
+        if model.config.prompt_tokens:  # each row's distinct tokens, and how common each token is in the bank
+            self.token_sets = token_sets(data.flat, data.offsets, np.arange(len(data)), vocab.to_compact)
+            self.token_df = document_frequency(self.token_sets, len(vocab))
+            with torch.no_grad():
+                model.token_df.copy_(torch.from_numpy(self.token_df))
         self.val_neighbours = self.neighbours(None) if model.fused else None
 
     # -- checkpoints ------------------------------------------------------------------------------------
@@ -209,7 +222,11 @@ class _Trainer:
         table = self_neighbours(self.pool, self.model.config.neighbors, exclude_cos=r.exclude_cos,
                                 noise_cos=None if epoch is None else r.retrieval_noise_cos,
                                 seed=r.seed * 100_003 + (epoch if epoch is not None else -1), device=self.device)
-        return Neighbours(self.pool, table, time.perf_counter() - start)
+        prompt = None
+        if self.token_sets is not None:
+            prompt = prompts([[self.token_sets[j] for j in row] for row in table], self.token_df,
+                             self.model.config.prompt_min_count, self.vocab.end_id)
+        return Neighbours(self.pool, table, time.perf_counter() - start, prompt)
 
     # -- epochs -----------------------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -234,7 +251,7 @@ class _Trainer:
                 break
             cpu.tick()
             index = order[b * r.batch_size : (b + 1) * r.batch_size]
-            prefix, inputs, targets = self.data.batch(index)
+            prefix, inputs, targets = self.data.batch(index, retrieved.prompt(index) if retrieved is not None else None)
             if self.noise_std > 0:
                 prefix = F.normalize(prefix + self.noise_std * torch.randn(prefix.shape, generator=noise), dim=-1)
             near = retrieved.batch(index).to(self.device, non_blocking=True) if retrieved is not None else None
@@ -354,8 +371,12 @@ def train_decoder(
     cfg = config if isinstance(config, DecoderConfig) else load_config(config)
     cfg = replace(cfg, prefix_dim=data.vectors.shape[1], vocab_size=len(vocab),
                   start_id=vocab.start_id, end_id=vocab.end_id)
-    if cfg.neighbors:  # room for the fused prefix and a 30-token caption after it (generation's default)
-        prefix = 1 + cfg.neighbors if cfg.fusion == "tokens" else 1
+    if recipe.entity_min_count and not cfg.neighbors:
+        raise ValueError("an entity prompt comes from a caption's neighbours: it needs a fused decoder (neighbors > 0)")
+    if recipe.entity_min_count:
+        cfg = replace(cfg, prompt_tokens=PROMPT_TOKENS, prompt_min_count=recipe.entity_min_count)
+    if cfg.neighbors:  # room for the fused prefix, the prompt and a 30-token caption after them (generation's default)
+        prefix = (1 + cfg.neighbors if cfg.fusion == "tokens" else 1) + cfg.prompt_tokens
         cfg = replace(cfg, block_size=max(cfg.block_size, prefix + 1 + 30))
     if cfg.block_size < recipe.max_tokens:
         raise ValueError(f"block_size {cfg.block_size} < max_tokens {recipe.max_tokens} (prefix + inputs)")

@@ -278,8 +278,15 @@ class Captions:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def batch(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``prefix`` [B, D], ``inputs`` [B, L-1] (padded with <end>), ``targets`` [B, L-1] (padded with -100)."""
+    def batch(self, index: np.ndarray, prompt: np.ndarray | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``prefix`` [B, D], ``inputs`` [B, L-1] (padded with <end>), ``targets`` [B, L-1] (padded with -100).
+        With an entity ``prompt`` [B, T] (compact ids) the inputs start with it and its targets are -100."""
+        if prompt is not None:
+            prefix, inputs, targets = self.batch(index)
+            given = torch.as_tensor(prompt, dtype=torch.long)
+            ignored = torch.full_like(given, -100)
+            return prefix, torch.cat([given, inputs], 1), torch.cat([ignored, targets], 1)
         starts = self.offsets[index]
         lengths = self.offsets[index + 1] - starts
         L = int(lengths.max())

@@ -57,14 +57,16 @@ def _score_text(model: Any, vocab: Any, bank: MemoryBank, evalset: EvalSet) -> d
     if len(hashes) != len(evalset.hashes):
         raise BankError(f"bank {bank.name!r} lost rows of its evaluation set {evalset.id}")
     vectors = np.asarray(vectors, dtype=np.float32)
-    near = None
+    near = prompt = None
     if model.fused:  # each sentence reads its nearest bank rows, never itself (as in training)
+        from decapflow.caption.fused import entity_prompt
         from decapflow.decoder.retrieval import nearest
 
-        pool, _ = bank.vector_cache()
+        pool, pool_texts = bank.vector_cache()
         ids, _ = nearest(vectors, pool, model.config.neighbors, clean=vectors, exclude_cos=SELF_COS)
         near = np.asarray(pool[ids.reshape(-1)], dtype=np.float32).reshape(*ids.shape, -1)
-    predictions = model.decode_texts(vectors, vocab, max_len=30, neighbours=near)
+        prompt = entity_prompt(model, vocab, [[pool_texts[int(i)].as_py() for i in row] for row in ids])
+    predictions = model.decode_texts(vectors, vocab, max_len=30, neighbours=near, prompt=prompt)
     refs = {i: [t] for i, t in enumerate(texts)}
     metrics = score_captions(refs, dict(enumerate(predictions)), metrics=("bleu", "cider"))
     exact = float(np.mean([p.strip().lower() == t.strip().lower() for p, t in zip(predictions, texts, strict=True)]))
