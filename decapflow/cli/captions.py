@@ -299,11 +299,14 @@ def _memory_size_study(base: Any, annotations: Path, images: Path, sizes: list, 
 @click.option("--encoder", type=click.Choice(["world-gap", "world"]), default="world-gap", show_default=True,
               help="The world CLIP: world-gap has real CLIP's modality gap (~0.8); world, the first one, almost "
                    "none (0.08). Each has its own banks, named after it.")
+@click.option("--fused", is_flag=True, help="Also train a retrieval-fused decoder (registered, not made current) "
+                                            "and add its rows: fused, and rerank+fused (rerank's candidates decoded "
+                                            "by it). About 5 more minutes on 2 CPU cores.")
 @click.option("--check", is_flag=True, help="Exit 1 if pd's scores fall below the floors a working pipeline "
                                             "clears (CI uses this).")
 @json_option
 def demo(images: int, config: str, epochs: int, max_steps: int | None, retrain: bool, no_meteor: bool,
-         threads: int | None, novel: bool, encoder: str, check: bool, as_json: bool) -> None:
+         threads: int | None, novel: bool, encoder: str, fused: bool, check: bool, as_json: bool) -> None:
     """Run the whole method offline on the synthetic world and print captions and metrics.
 
     Ingests the world's text corpus with its tiny CLIP (encoder 'world-gap', into bank 'world-gap'), trains a decoder text-only, captions
@@ -316,7 +319,8 @@ def demo(images: int, config: str, epochs: int, max_steps: int | None, retrain: 
     from decapflow.lifecycle.demo import DemoSettings, format_result, run_demo
 
     settings = DemoSettings(images=images, config=config, epochs=epochs, max_steps=max_steps,
-                            meteor=not no_meteor, retrain=retrain, threads=threads, novel=novel, encoder=encoder)
+                            meteor=not no_meteor, retrain=retrain, threads=threads, novel=novel, encoder=encoder,
+                            fused=fused)
     result = run_demo(settings, log=lambda line: click.echo(line, err=as_json))
     if as_json:
         echo_json({"table": result.table, "images_per_s": result.speeds, "examples": result.examples,

@@ -47,6 +47,9 @@ class DemoSettings:
     examples: int = 4
     threads: int | None = None
     novel: bool = False  # bank without the test scenes' attribute combinations (generalisation, not recall)
+    #: Also train a retrieval-fused decoder (same recipe plus FUSED_RECIPE; not made current) and add its rows:
+    #: ``fused`` (its strategy) and ``rerank+fused`` (rerank's candidates decoded by it). About 1.2x the training.
+    fused: bool = False
     encoder: str = ENCODERS[0]  # one of ENCODERS; also the bank's name (bank "world" for encoder "world")
     #: The memory-size study (decapflow.evaluation.memory_size): bank subsets of these sizes, with these strategies (no sizes:
     #: no study). Seed 0, nested subsets; ``all`` reuses the strategy table's captions, so it costs 6 decodes of the
@@ -95,22 +98,34 @@ def novel_corpus(path: Path, test_folder: Path) -> Path:
     return path
 
 
-def _decoder_for(bank: str, settings: DemoSettings, log: Callable[[str], None]) -> str:
-    """The bank's current decoder when it fits this bank version and recipe, else a freshly trained one."""
+def _decoder_for(bank: str, settings: DemoSettings, log: Callable[[str], None], fused: bool = False) -> str:
+    """The decoder of this bank version and recipe (the current one; with ``fused``, the newest fused one) when
+    there is one, else a freshly trained one (a fused one is registered, not made current)."""
     from decapflow.bank.memory import Registry
     from decapflow.decoder.checkpoint import current_meta
+    from decapflow.decoder.recipe import FUSED_RECIPE
+    from decapflow.decoder.registry import decoders
     from decapflow.decoder.train import TrainRecipe
     from decapflow.lifecycle.training import train_from_bank
 
-    recipe = TrainRecipe(epochs=settings.epochs, max_steps=settings.max_steps, num_threads=settings.threads,
-                         **({"lr": settings.lr} if settings.lr else {}))
-    current = current_meta(bank)
-    if (current and not settings.retrain and current.get("bank_version") == Registry().open(bank).version
-            and current.get("config") == settings.config and current.get("recipe") == recipe.to_dict()):
-        log(f"reusing decoder {current['id']} (trained on this bank version with this recipe; --retrain to redo)")
-        return current["id"]
-    log(f"training a {settings.config} decoder on bank {bank!r} ({recipe.epochs} epochs max)...")
-    decoder_id, result = train_from_bank(bank, config=settings.config, recipe=recipe, progress=True)
+    recipe = TrainRecipe.from_dict({**(FUSED_RECIPE if fused else {}), "epochs": settings.epochs,
+                                    "max_steps": settings.max_steps, "num_threads": settings.threads,
+                                    **({"lr": settings.lr} if settings.lr else {})})
+    version = Registry().open(bank).version
+    if fused:
+        known = [d for d in decoders().list(bank) if d.get("fused")]
+    else:
+        known = [current] if (current := current_meta(bank)) else []
+    fitting = [d for d in known if d.get("bank_version") == version and d.get("config") == settings.config
+               and d.get("recipe") == recipe.to_dict()]
+    if fitting and not settings.retrain:
+        log(f"reusing {'fused ' if fused else ''}decoder {fitting[-1]['id']} (trained on this bank version with this "
+            f"recipe; --retrain to redo)")
+        return fitting[-1]["id"]
+    kind = "retrieval-fused " if fused else ""
+    log(f"training a {kind}{settings.config} decoder on bank {bank!r} ({recipe.epochs} epochs max)...")
+    decoder_id, result = train_from_bank(bank, config=settings.config, recipe=recipe, progress=True,
+                                         promote=not fused, fused=fused or None)
     last = result.history[-1]
     log(f"decoder {decoder_id}: val loss {last['val_loss']:.3f}, val token accuracy {last['val_acc']:.3f}")
     return decoder_id
@@ -150,6 +165,8 @@ def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> Demo
     metrics = None if settings.meteor else ("bleu", "rouge", "cider")
     experiment = run_strategies(base, folder / "captions.json", folder, STRATEGIES, metrics=metrics)
     timings["caption_and_score_s"] = time.perf_counter() - t0
+    if settings.fused:
+        experiment = _with_fused(experiment, base, bank, settings, folder, metrics, timings, log)
     attributes = {name: attribute_scores({i: c.caption for i, c in run.captions.items()}, scenes)
                   for name, run in experiment.runs.items()}
     table = summary_rows(experiment, attributes)
@@ -185,6 +202,33 @@ def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> Demo
     return DemoResult(table, speeds(experiment), examples, timings, decoder_id, md_path, study, plot, base.strategy)
 
 
+def _with_fused(experiment: Any, base: Any, bank: str, settings: DemoSettings, folder: Path,
+                metrics: Any, timings: dict[str, float], log: Callable[[str], None]) -> Any:
+    """The experiment plus a fused decoder's rows (``fused``, ``rerank+fused``) on the same image embeddings."""
+    from dataclasses import replace
+
+    from decapflow.caption.captioner import Captioner, Options
+    from decapflow.evaluation.evaluate import score_captions
+    from decapflow.evaluation.experiment import StrategyRun
+
+    t0 = time.perf_counter()
+    fused_id = _decoder_for(bank, settings, log, fused=True)
+    timings["train_fused_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    captioner = Captioner.for_bank(bank, Options(), decoder=fused_id)
+    captioner.image_mean = base.image_mean
+    for name, strategy in (("fused", "fused"), ("rerank+fused", "rerank")):
+        run = captioner.with_options(replace(captioner.options, strategy=strategy))
+        start = time.perf_counter()
+        captions = run.caption_embeddings(experiment.vectors)
+        seconds = time.perf_counter() - start
+        by_id = dict(zip(experiment.image_ids, captions, strict=True))
+        scores = score_captions(experiment.references, {i: c.caption for i, c in by_id.items()}, metrics=metrics)
+        experiment.runs[name] = StrategyRun(name, by_id, scores, seconds)
+    timings["caption_fused_s"] = time.perf_counter() - t0
+    return experiment
+
+
 def record_image_mean(captioner: Any, log: Callable[[str], None] = print) -> Any:
     """Record the mean embedding of UNLABELLED_IMAGES world images (no captions; not the test images) for the
     captioner's bank, as ``decapflow memory image-mean`` would, and return it."""
@@ -208,16 +252,16 @@ def format_result(result: DemoResult) -> str:
     for ex in result.examples:
         lines.append(f"  {Path(ex['image']).name}")
         lines.append(f"    reference : {ex['references'][0]}")
-        for name in STRATEGIES:
-            lines.append(f"    {name:<10}: {ex[name]}")
+        for name in result.table:
+            lines.append(f"    {name:<12}: {ex[name]}")
     columns = ["BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "attr-colour", "attr-shape", "attr-count", "attr-size",
                "attr-object"]
     present = [c for c in columns if any(c in row for row in result.table.values())]
-    lines += ["", f"{'strategy':<9}" + "".join(f"{c:>12}" for c in present) + f"{'images/s':>10}"]
+    lines += ["", f"{'strategy':<13}" + "".join(f"{c:>12}" for c in present) + f"{'images/s':>10}"]
     for name, row in result.table.items():
         cells = "".join(f"{100 * row[c]:>12.1f}" if c in row else f"{'-':>12}" for c in present)
         marked = f"{name}*" if name == result.default else name
-        lines.append(f"{marked:<9}{cells}{result.speeds[name]:>10.0f}")
+        lines.append(f"{marked:<13}{cells}{result.speeds[name]:>10.0f}")
     lines.append("(scores x100; attr-*: F1 of the attributes named vs the scene; images/s after CLIP embedding; "
                  "* the default, what 'decapflow caption' runs on this bank)")
     if result.memory_size is not None:
