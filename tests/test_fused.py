@@ -113,6 +113,8 @@ def test_auto_runs_fused_with_a_fused_decoder_and_says_why(fused_home: Path, ima
     assert {json.loads(line)["strategy"] for line in out.stdout.splitlines()} == {"fused"}
     listed = json.loads(run("decoder", "list", "shapes", "--json").stdout)
     assert [d["fused"] for d in listed] == [None, {"neighbors": 2, "fusion": "tokens"}]
+    out = run("caption", "--memory", "shapes", "--neighbours", "3", str(images), ok=False)
+    assert out.exit_code == 1 and "trained with 2; it reads at most 2" in out.stderr
 
 
 def test_fused_on_a_plain_decoder_and_bad_options_are_clear_errors(own_home: Path, images: Path) -> None:

@@ -169,6 +169,8 @@ class Captioner:
             raise ValueError(f"query must be one of {fused.QUERIES}, got {options.query!r}")
         if options.strategy == "fused":
             fused.require_fused(self)
+        if options.neighbours is not None and self.decoder is not None and self.decoder.fused:
+            fused.check_neighbours(self.decoder.config, options.neighbours)
         return options
 
     def default_strategy(self) -> str:

@@ -23,7 +23,7 @@ from decapflow.errors import BankError
 if TYPE_CHECKING:
     from decapflow.caption.captioner import Captioner
 
-__all__ = ["QUERIES", "Neighbours", "neighbours", "query_name", "require_fused"]
+__all__ = ["QUERIES", "Neighbours", "check_neighbours", "neighbours", "query_name", "require_fused"]
 
 #: What ``Options.query`` may name: the prefix strategy whose vector is the fused decoder's query token.
 QUERIES = ("auto", "ms", "vd", "pd", "topk", "nnd")
@@ -55,6 +55,15 @@ def require_fused(captioner: Captioner) -> None:
         name = captioner.bank.name
         raise BankError(f"strategy 'fused' needs a retrieval-fused decoder, and bank {name!r}'s decoder is a plain "
                         f"one; train one with: decapflow train --memory {name} --fused (or pick another --strategy)")
+
+
+def check_neighbours(config: Any, rows: int) -> None:
+    """A tokens-fused decoder has prefix positions for the k rows it was trained with, no more; xattn takes any."""
+    if rows < 1:
+        raise ValueError(f"neighbours must be at least 1, not {rows}")
+    if config.fusion == "tokens" and rows > config.neighbors:
+        raise ValueError(f"this decoder fuses its rows as prefix tokens and was trained with {config.neighbors}; it "
+                         f"reads at most {config.neighbors} (an xattn decoder takes any number)")
 
 
 def query_name(captioner: Captioner) -> str:
