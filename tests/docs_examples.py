@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -130,6 +130,7 @@ class Workspace:
     offline."""
 
     root: Path
+    ran: set[str] = field(default_factory=set)  # code of the blocks already run here, for pages that repeat one
 
     @classmethod
     def create(cls, root: Path) -> Workspace:
