@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html as html_lib
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -108,8 +109,9 @@ def test_the_site_builds_strictly(tmp_path: Path) -> None:
     mkdocs = shutil.which("mkdocs", path=str(Path(sys.executable).parent))
     if mkdocs is None:
         pytest.skip("the docs extra is not installed (pip install -e '.[docs]')")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "PYTHONPATH": str(ROOT)}  # this checkout's commands and app
     result = subprocess.run([mkdocs, "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     site = tmp_path / "site"
     assert "decapflow memory remove" in (site / "reference/cli/index.html").read_text()

@@ -45,3 +45,14 @@ def test_quick_start_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyP
     scores = [attribute_accuracy(caption, scenes[int(re.search(r"(\d+)\.png$", name).group(1))])["mean"]
               for name, caption in captions.items()]
     assert sum(scores) / len(scores) >= 0.5, captions  # a decoder that learnt the world, not noise
+
+
+def test_readme_is_a_landing_page_that_starts_with_the_two_commands() -> None:
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 120
+    first_block = re.search(r"```bash\n(.*?)```", text, re.S).group(1).splitlines()
+    assert first_block[0].startswith("./setup.sh && .venv/bin/decapflow demo")
+    assert first_block[1].startswith(".venv/bin/python -m pytest")
+    assert ".venv/bin/mkdocs serve" in text
+    for link in re.findall(r"\]\((docs/[^)#]+)", text):
+        assert (ROOT / link).is_file(), link
