@@ -124,7 +124,7 @@ def not_run_markdown(examples: list[Example]) -> str:
 
 @dataclass
 class Workspace:
-    """One folder all examples run in, in order: the repository's ``corpora`` linked in (the docs run from the
+    """One folder all examples run in, in order: the repository's ``corpora`` and ``benchmarks`` linked in (the docs run from the
     repository root), ``.venv/bin/decapflow`` and ``.venv/bin/python`` running this checkout with this interpreter
     (also first on PATH, for plain ``decapflow`` and ``python``), a scratch DECAPFLOW_HOME, no Prefect server,
     offline."""
@@ -135,7 +135,8 @@ class Workspace:
     @classmethod
     def create(cls, root: Path) -> Workspace:
         root.mkdir(parents=True, exist_ok=True)
-        (root / "corpora").symlink_to(ROOT / "corpora")
+        for shared in ("corpora", "benchmarks"):
+            (root / shared).symlink_to(ROOT / shared)
         bin_dir = root / ".venv" / "bin"
         bin_dir.mkdir(parents=True)
         for name, command in (("python", ""), ("decapflow", " -m decapflow.cli")):
