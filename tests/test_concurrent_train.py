@@ -16,7 +16,7 @@ import pytest
 from decapflow.encoders import WORLD_DIR
 
 pytestmark = pytest.mark.slow
-STEPS = int(os.environ.get("DECAPFLOW_TEST_TRAIN_STEPS", "150"))
+STEPS = int(os.environ.get("DECAPFLOW_TEST_TRAIN_STEPS", "100"))
 
 
 def env(home: Path, cpus: Path) -> dict[str, str]:
