@@ -15,8 +15,8 @@ import pytest
 
 from decapflow.encoders import WORLD_DIR
 
-pytestmark = pytest.mark.slow
-STEPS = int(os.environ.get("DECAPFLOW_TEST_TRAIN_STEPS", "100"))
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]  # 2 x 2 trainings on a machine to itself
+STEPS = int(os.environ.get("DECAPFLOW_TEST_TRAIN_STEPS", "150"))
 
 
 def env(home: Path, cpus: Path) -> dict[str, str]:
