@@ -15,7 +15,7 @@ import pytest
 
 from decapflow.encoders import WORLD_DIR
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]  # 2 x 2 trainings on a machine to itself
 STEPS = int(os.environ.get("DECAPFLOW_TEST_TRAIN_STEPS", "150"))
 
 

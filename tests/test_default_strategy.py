@@ -1,7 +1,8 @@
 """The default strategy (``auto``): ``rerank`` when the bank has a mean image embedding (recorded, or the batch's own
 with ``--image-mean batch``), else ``pd``; named in the CLI's output, the results and the API. The rerank
 candidates decode in one batch exactly as one by one; the gate scores a bank with only unlabelled images on
-their CLIPScore; prefix noise is given as a cosine whatever the width."""
+their CLIPScore; prefix noise is given as a cosine whatever the width (whether noise helps raw image embeddings decode is
+measured by ``benchmarks/noise_sweep.py``: it takes two trainings of 1,000 steps, ~15 minutes, too long for CI)."""
 
 from __future__ import annotations
 
@@ -180,30 +181,3 @@ def test_the_domain_gate_promotes_the_decoder_that_captions_world_images_better(
     assert attributes(strong["decoder"]) > attributes(weak["decoder"]) + 0.05  # measured 0.58 against 0.49
     worse = train_bank("w", "decap-small", {**recipe, "max_steps": 15, "seed": 1}, progress=False, gate=True)
     assert not worse["promoted"], worse["summary"]
-
-
-@pytest.mark.slow
-def test_prefix_noise_makes_raw_image_embeddings_decode_better(decapflow_home: Path, tmp_path: Path) -> None:
-    """Noise in training only: the same recipe and seed with noise_cos 0.8 names the attributes of world images
-    decoded from their raw embeddings (vd) better than without (demo world: 82.7 against 77.3, x100). It takes
-    1,000 steps: after 250 the noisy decoder is still behind (0.49 against 0.56)."""
-    from corpora.world import CORPUS_SEED, UNLABELLED_SEED, make_split, render
-    from decapflow.bank.ingest import run_ingest
-    from decapflow.encoders import load_encoder
-    from decapflow.lifecycle.demo import attribute_scores
-    from decapflow.lifecycle.training import train_bank
-
-    corpus = tmp_path / "world.txt"
-    corpus.write_text("".join(texts[0] + "\n" for _, texts in make_split(3000, CORPUS_SEED, n_captions=1)))
-    run_ingest(corpus, "w", "world-gap")
-    scenes = [scene for scene, _ in make_split(120, UNLABELLED_SEED, n_captions=1)]
-    vectors = load_encoder("world-gap").encode_image([render(s) for s in scenes], 64)
-    recipe = {"epochs": 30, "max_steps": 1000, "val_fraction": 0.02, "patience": None}
-
-    def vd_attributes(noise: float | None) -> float:
-        decoder = train_bank("w", "decap-small", {**recipe, "noise_cos": noise}, progress=False)["decoder"]
-        captions = Captioner.for_bank("w", Options(strategy="vd"), decoder=decoder).caption_embeddings(vectors)
-        return attribute_scores({i: c.caption for i, c in enumerate(captions)}, dict(enumerate(scenes)))["attr-mean"]
-
-    clean, noisy = vd_attributes(None), vd_attributes(0.8)
-    assert noisy > clean + 0.03, (clean, noisy)

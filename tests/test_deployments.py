@@ -139,6 +139,7 @@ LONG_TINY = {"epochs": 150, "batch_size": 1, "lr": 1e-3, "warmup_steps": 10, "va
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # three trainings through a worker: minutes
 def test_trainings_of_different_banks_overlap_and_of_one_bank_do_not(
         prefect: Prefect, trained_home: Path, decapflow_home: Path, tmp_path: Path, tiny_encoder_spec: str,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,13 +1,10 @@
-"""Maintenance beside a running ingest (a separate process), on local disk and on moto's S3, and the
+"""Maintenance between the chunks of a running ingest, on local disk and on moto's S3, and the
 ``nightly-maintenance`` deployment of prefect.yaml on a real Prefect server with a worker (slow: processes importing
 torch, a Prefect server)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -29,31 +26,36 @@ THINGS = ("dog", "cat", "bird", "car", "tree", "house")
 
 
 def maintain_beside_an_ingest(store: str | None, folder: Path, encoder: str) -> list[dict]:
-    """Ingest 420 sentences in chunks of 25 in a subprocess while this process maintains the bank with retain 0
-    over and over; every sentence must be in the bank afterwards, once. Returns the maintenance results."""
+    """Deterministic: an ingest of 400 sentences in chunks of 25, and between every fourth pair of its chunk
+    commits (where it holds no lease) another writer maintains the bank with retain 0, compacting the fragments the
+    chunks added and removing every old version; every sentence must be in the bank afterwards, once. Returns the
+    maintenance results."""
+    from decapflow.bank.ingest import write_chunk
+
     sentences = [f"a {w} {t} number {i}" for i in range(14) for w in WORDS for t in THINGS]
     first, second = sentences[:20], sentences[20:]
     (folder / "first.txt").write_text("".join(s + "\n" for s in first))
     (folder / "second.txt").write_text("".join(s + "\n" for s in second))
     run_ingest(folder / "first.txt", "busy", encoder, store)  # the bank exists before the race
-    command = [sys.executable, "-m", "decapflow.cli", "ingest", str(folder / "second.txt"), "--memory", "busy",
-               "--chunk-size", "25", "--prefect", "off", "--json"] + (["--store", store] if store else [])
-    proc = subprocess.Popen(command, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    results = []
-    deadline = time.monotonic() + 400
-    while proc.poll() is None and time.monotonic() < deadline:
-        results.append(maintain_bank("busy", "0", store))
-        time.sleep(1.0)  # the ingest's lease waits back off up to 1 s: a tighter loop would starve it
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err[-3000:]
-    assert json.loads(out)["written"] == len(second)
+    results: list[dict] = []
+    chunks = [0]
+
+    def write(*args, **kwargs) -> int:
+        written = write_chunk(*args, **kwargs)
+        chunks[0] += 1
+        if chunks[0] % 4 == 0:
+            results.append(maintain_bank("busy", "0", store))
+        return written
+
+    report = run_ingest(folder / "second.txt", "busy", encoder, store, chunk_size=25, write=write)
+    assert report.written == len(second) and len(results) >= 3
     final = maintain_bank("busy", "0", store)
     texts = Registry(store).open("busy").arrays()[0]
     assert len(texts) == len(set(texts)) == len(sentences)  # nothing lost, nothing twice
     assert sorted(texts) == sorted(sentences)
     assert final["fragments"] == 1 and final["versions"] == 1
-    # Maintenance really ran between the ingest's chunks: it found fragments that chunks had added since.
-    assert sum(r["fragments_before"] > 1 for r in results) >= 2, [r["fragments_before"] for r in results]
+    # Maintenance ran between the ingest's chunks: each time it found the fragments four chunks had added.
+    assert all(r["fragments_before"] > 1 for r in results), [r["fragments_before"] for r in results]
     return results
 
 
