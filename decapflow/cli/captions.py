@@ -196,7 +196,7 @@ def evaluate_command(annotations: Path, images: Path | None, results: Path | Non
     Compare the strategies:    ... --compare-strategies
     Scores against bank size:  ... --compare-strategies --bank-sizes 1000,10000,100000,all
 
-    The paper's COCO Karpathy-test recipe is in the README ("Reproducing the paper").
+    The paper's COCO Karpathy-test recipe is in the docs (docs/guides/paper.md, "Reproducing the paper").
     """
     from decapflow.evaluation.evaluate import (
         METRIC_KEYS,

@@ -39,7 +39,7 @@ SHOWN = ("cider", "bleu4", "exact", "clipscore")
 @click.option("--fused", is_flag=True,
               help="Train a retrieval-fused decoder: it also reads each sentence's nearest bank rows (retrieved with "
                    "noise, never the sentence itself), as images will meet them; captions then run --strategy "
-                   "fused by default. See 'Retrieval-fused decoders' in the README for when it pays.")
+                   "fused by default. See docs/guides/fused.md for when it pays.")
 @click.option("--neighbors", type=click.IntRange(min=1), metavar="K",
               help=f"With --fused: bank rows per sentence (default {FUSED_CONFIG['neighbors']}).")
 @click.option("--fusion", type=click.Choice(["tokens", "xattn"]),

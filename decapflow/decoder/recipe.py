@@ -73,7 +73,7 @@ class TrainRecipe:
 
 
 #: What ``decapflow train --fused`` trains: the architecture (DecoderConfig fields) and the recipe's defaults for
-#: it (keys a caller sets win). Chosen on world-gap, confirmed on world-rich (README, "Retrieval-fused decoders").
+#: it (keys a caller sets win). Chosen on world-gap, confirmed on world-rich (docs/guides/fused.md).
 FUSED_CONFIG: dict[str, Any] = {"neighbors": 5, "fusion": "tokens"}
 FUSED_RECIPE: dict[str, Any] = {"noise_cos": 0.8, "retrieval_noise_cos": 0.8, "exclude_cos": 0.97}
 
