@@ -1,5 +1,10 @@
-"""A retrieval-fused decoder names the attributes of world images better than a plain one trained the same way
-(slow: two decap-small trainings on the world-gap CLIP's bank)."""
+"""A retrieval-fused decoder reads its neighbours: early in training, when a plain decoder still confuses the
+attributes a prefix encodes, the fused one names the attributes of world images better, read off the bank rows
+nearest to each image (slow: two short decap-small trainings on the world-gap CLIP's bank).
+
+Measured at convergence the two tie on the demo world's attributes (92.2 against 92.0, 6 epochs) and a plain
+decoder's ``rerank`` composes new combinations better (docs/guides/fused.md); this test checks the mechanism, not
+that a fused decoder is the better default."""
 
 from __future__ import annotations
 
@@ -12,8 +17,7 @@ from decapflow.caption.captioner import Captioner, Options
 pytestmark = pytest.mark.slow
 
 
-def test_a_fused_decoder_names_image_attributes_better_than_a_plain_one(decapflow_home: Path,
-                                                                       tmp_path: Path) -> None:
+def test_a_fused_decoder_reads_the_attributes_off_its_neighbours(decapflow_home: Path, tmp_path: Path) -> None:
     from corpora.world import CORPUS_SEED, TEST_SEED, make_split, render
     from decapflow.bank.ingest import run_ingest
     from decapflow.encoders import load_encoder
@@ -21,11 +25,11 @@ def test_a_fused_decoder_names_image_attributes_better_than_a_plain_one(decapflo
     from decapflow.lifecycle.training import train_bank
 
     corpus = tmp_path / "world.txt"
-    corpus.write_text("".join(texts[0] + "\n" for _, texts in make_split(8000, CORPUS_SEED, n_captions=1)))
+    corpus.write_text("".join(texts[0] + "\n" for _, texts in make_split(6000, CORPUS_SEED, n_captions=1)))
     run_ingest(corpus, "w", "world-gap")
     scenes = [scene for scene, _ in make_split(64, TEST_SEED, n_captions=1)]
     vectors = load_encoder("world-gap").encode_image([render(s) for s in scenes], 64)
-    recipe = {"epochs": 5, "max_steps": 250, "val_fraction": 0.02}
+    recipe = {"epochs": 1, "max_steps": 40, "val_fraction": 0.02}
 
     def attributes(fused: bool) -> float:
         decoder = train_bank("w", "decap-small", recipe, progress=False, fused=fused)["decoder"]
