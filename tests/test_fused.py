@@ -107,10 +107,18 @@ def test_fused_captions_are_the_same_through_library_cli_and_api(fused_home: Pat
     assert all(len(r["support"]) == 2 for r in answer["results"])  # the two bank rows read beside the query
 
 
-def test_auto_runs_fused_with_a_fused_decoder_and_says_why(fused_home: Path, images: Path) -> None:
+def test_auto_runs_fused_without_an_image_mean_and_rerank_with_one_and_says_why(fused_home: Path, images: Path) -> None:
     out = run("caption", "--memory", "shapes", "--format", "jsonl", str(images))
     assert "strategy: fused (auto: bank 'shapes''s decoder is retrieval-fused" in out.stderr
     assert {json.loads(line)["strategy"] for line in out.stdout.splitlines()} == {"fused"}
+    from decapflow.bank.memory import Registry
+    from decapflow.caption.modality import ImageMean, rows_mean, save_image_mean
+
+    bank = Registry().open("shapes")
+    save_image_mean("shapes", ImageMean(rows_mean(bank.vector_cache()[0]), 8, bank.encoder))
+    out = run("caption", "--memory", "shapes", "--format", "jsonl", str(images))  # with an image mean: rerank
+    assert "decoded by its retrieval-fused decoder with 2 bank rows per image" in out.stderr
+    assert {json.loads(line)["strategy"] for line in out.stdout.splitlines()} == {"rerank"}
     listed = json.loads(run("decoder", "list", "shapes", "--json").stdout)
     assert [d["fused"] for d in listed] == [None, {"neighbors": 2, "fusion": "tokens"}]
     out = run("caption", "--memory", "shapes", "--neighbours", "3", str(images), ok=False)
