@@ -87,7 +87,7 @@ def test_beam_one_equals_greedy() -> None:
     model = random_decoder(seed=3)
     prefix = unit(5, seed=4)
     assert model.generate(prefix, max_len=15, beam=1) == model.generate(prefix, max_len=15, beam=1, use_cache=False)
-    assert model._beam_search(prefix, 15, 1, 1.0) == model.generate(prefix, max_len=15)
+    assert model._beam_search(prefix, 15, 1, 1.0, None, model.prefix_len(None)) == model.generate(prefix, max_len=15)
 
 
 def test_beam_respects_max_len_end_and_batch_independence() -> None:

@@ -44,7 +44,7 @@ def dense(V: np.ndarray, M: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndar
 
 
 def test_strategies_and_result_type(queries, bank):
-    assert STRATEGIES == ("pd", "topk", "nnd", "vd", "clipre", "ms", "rerank")
+    assert STRATEGIES == ("pd", "topk", "nnd", "vd", "clipre", "ms", "rerank", "fused")
     result = project(queries, bank)
     assert isinstance(result, Projection)
     assert result.vectors.shape == (5, 32) and result.vectors.dtype == np.float32

@@ -12,16 +12,13 @@ prefix. The rows come from the exact top-l over the bank's local copy, or on big
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from decapflow.caption import projection
 from decapflow.decoder.entities import prompts, text_sets
 from decapflow.errors import BankError
-
-if TYPE_CHECKING:
-    from decapflow.caption.captioner import Captioner
 
 __all__ = ["QUERIES", "Neighbours", "check_neighbours", "neighbours", "query_name", "require_fused"]
 
@@ -50,7 +47,7 @@ class Neighbours:
         return np.concatenate([self.vectors] * times), prompt
 
 
-def require_fused(captioner: Captioner) -> None:
+def require_fused(captioner: Any) -> None:
     if captioner.decoder is None or not captioner.decoder.fused:
         name = captioner.bank.name
         raise BankError(f"strategy 'fused' needs a retrieval-fused decoder, and bank {name!r}'s decoder is a plain "
@@ -66,7 +63,7 @@ def check_neighbours(config: Any, rows: int) -> None:
                          f"reads at most {config.neighbors} (an xattn decoder takes any number)")
 
 
-def query_name(captioner: Captioner) -> str:
+def query_name(captioner: Any) -> str:
     """The prefix strategy ``fused`` uses as its query token (``Options.query``; ``auto``: ms with an image mean,
     else vd)."""
     query = captioner.options.query
@@ -75,7 +72,7 @@ def query_name(captioner: Captioner) -> str:
     return query
 
 
-def neighbours(captioner: Captioner, image_vectors: np.ndarray) -> Neighbours:
+def neighbours(captioner: Any, image_vectors: np.ndarray) -> Neighbours:
     """Each image's ``l`` nearest bank rows (``Options.neighbours``, default the decoder's k)."""
     l_rows = captioner.options.neighbours or captioner.decoder.config.neighbors
     image_vectors = np.atleast_2d(image_vectors)
