@@ -117,7 +117,7 @@ def test_auto_runs_fused_without_an_image_mean_and_rerank_with_one_and_says_why(
     bank = Registry().open("shapes")
     save_image_mean("shapes", ImageMean(rows_mean(bank.vector_cache()[0]), 8, bank.encoder))
     out = run("caption", "--memory", "shapes", "--format", "jsonl", str(images))  # with an image mean: rerank
-    assert "decoded by its retrieval-fused decoder with 2 bank rows per image" in out.stderr
+    assert "candidates ms, vd, decoded by its retrieval-fused decoder with 2 bank rows per image" in out.stderr
     assert {json.loads(line)["strategy"] for line in out.stdout.splitlines()} == {"rerank"}
     listed = json.loads(run("decoder", "list", "shapes", "--json").stdout)
     assert [d["fused"] for d in listed] == [None, {"neighbors": 2, "fusion": "tokens"}]

@@ -176,9 +176,9 @@ class Captioner:
     def default_strategy(self) -> str:
         """What ``auto`` runs: ``rerank`` when the bank has a recorded mean image embedding (it crosses the modality
         gap), else ``topk`` on banks of at least TOPK_MIN_ROWS rows, else DeCap's ``pd``; with a retrieval-fused
-        decoder, ``rerank`` (its candidates decoded with each image's nearest rows) when the bank has the image mean,
-        else ``fused``. Measured on two worlds (docs/guides/fused.md): a fused decoder's ``rerank`` beat its ``fused``
-        on plain and new compositions alike."""
+        decoder, ``rerank`` of its two queries (``ms`` and ``vd``, each decoded with the image's nearest rows) when
+        the bank has the image mean, else ``fused``. Measured on two worlds (docs/guides/fused.md): that ``rerank``
+        beat ``fused`` alone on plain and new compositions alike."""
         if self.image_mean is not None:
             return "rerank"
         if self.decoder is not None and self.decoder.fused:
@@ -191,7 +191,9 @@ class Captioner:
 
     def rerank_candidates(self) -> tuple[str, ...]:
         """``rerank``'s candidates: :data:`~decapflow.caption.modality.CANDIDATES`, with ``topk`` for ``pd`` on a big
-        bank."""
+        bank; with a retrieval-fused decoder :data:`~decapflow.caption.modality.FUSED_CANDIDATES`."""
+        if self.decoder is not None and self.decoder.fused:
+            return modality.FUSED_CANDIDATES
         return tuple("topk" if self.big() and c == "pd" else c for c in modality.CANDIDATES)
 
     def auto_reason(self) -> str:

@@ -36,6 +36,10 @@ from decapflow.errors import BankError
 #: ``Captioner.candidate_prefixes`` makes the others (nnd, vd, pd@TAU, pd+msW); ``clipre`` (the nearest bank
 #: sentence, free to add) wins too often: 309.7 / 287.7 with pd and ms.
 CANDIDATES: tuple[str, ...] = ("pd", "ms")
+#: ``rerank``'s candidates with a retrieval-fused decoder: its two queries, the mean-shifted and the raw image, each
+#: decoded with the image's nearest rows. Chosen on world-gap (CIDEr 318.4 / 239.3 plain / new compositions against
+#: 317.8 / 235.2 for pd and ms and 308.5 / 229.6 for ``fused`` alone), confirmed on world-rich (docs/guides/fused.md).
+FUSED_CANDIDATES: tuple[str, ...] = ("ms", "vd")
 
 
 def unit(x: np.ndarray) -> np.ndarray:
