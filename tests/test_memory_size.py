@@ -138,6 +138,7 @@ def test_plot_has_a_panel_per_metric(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # METEOR's Java on every caption twice; test_evaluate runs METEOR in CI
 def test_score_many_equals_score_captions_with_meteor() -> None:
     from decapflow.evaluation.evaluate import score_captions, score_many
 

@@ -24,6 +24,7 @@ def train(args: list[str], env: dict[str, str]) -> dict:
 
 
 @pytest.mark.slow  # two trainings, one of them two processes: ~1 minute
+@pytest.mark.heavy  # a machine to itself: three training processes
 def test_two_cpu_ranks_match_one_process_with_the_same_global_batch(tmp_path: Path, tiny_encoder_spec: str,
                                                                     decapflow_home: Path) -> None:
     corpus = tmp_path / "many.txt"
