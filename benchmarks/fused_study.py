@@ -65,7 +65,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 PLAIN = [("pd", {"strategy": "pd"}), ("nnd", {"strategy": "nnd"}), ("ms", {"strategy": "ms"}),
          ("rerank", {"strategy": "rerank"})]
 FUSED = [("fused q=ms", {"strategy": "fused", "query": "ms"}), ("fused q=vd", {"strategy": "fused", "query": "vd"}),
-         ("fused q=pd", {"strategy": "fused", "query": "pd"}), ("rerank", {"strategy": "rerank"}),
+         ("fused q=pd", {"strategy": "fused", "query": "pd"}),
+         ("fused l=3", {"strategy": "fused", "neighbours": 3}), ("fused l=9", {"strategy": "fused", "neighbours": 9}),
+         ("rerank", {"strategy": "rerank"}),
          ("rerank ms,vd", {"strategy": "rerank", "candidates": ("ms", "vd")}),
          ("rerank ms,vd,pd", {"strategy": "rerank", "candidates": ("ms", "vd", "pd")})]
 
