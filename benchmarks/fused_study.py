@@ -66,7 +66,7 @@ PLAIN = [("pd", {"strategy": "pd"}), ("nnd", {"strategy": "nnd"}), ("ms", {"stra
          ("rerank", {"strategy": "rerank"})]
 FUSED = [("fused q=ms", {"strategy": "fused", "query": "ms"}), ("fused q=vd", {"strategy": "fused", "query": "vd"}),
          ("fused q=pd", {"strategy": "fused", "query": "pd"}),
-         ("fused l=3", {"strategy": "fused", "neighbours": 3}), ("fused l=9", {"strategy": "fused", "neighbours": 9}),
+         ("fused l=3", {"strategy": "fused", "neighbours": 3}),
          ("rerank", {"strategy": "rerank"}),
          ("rerank ms,vd", {"strategy": "rerank", "candidates": ("ms", "vd")}),
          ("rerank ms,vd,pd", {"strategy": "rerank", "candidates": ("ms", "vd", "pd")})]
