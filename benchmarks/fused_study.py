@@ -57,6 +57,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
                     "recipe": {"noise_cos": None, "retrieval_noise_cos": None, "exclude_cos": 0.97}},
     "fused-noisy": {"fused": {"neighbors": 5, "fusion": "tokens"},
                     "recipe": {"noise_cos": 0.6, "retrieval_noise_cos": 0.6, "exclude_cos": 0.97}},
+    "fused-x90": {"fused": {"neighbors": 5, "fusion": "tokens"},
+                  "recipe": {"noise_cos": 0.8, "retrieval_noise_cos": 0.8, "exclude_cos": 0.90}},
     "fused-entity": {"fused": {"neighbors": 5, "fusion": "tokens"},
                      "recipe": {"noise_cos": 0.8, "retrieval_noise_cos": 0.8, "exclude_cos": 0.97,
                                 "entity_min_count": 3}},
