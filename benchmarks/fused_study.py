@@ -57,6 +57,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
                     "recipe": {"noise_cos": None, "retrieval_noise_cos": None, "exclude_cos": 0.97}},
     "fused-noisy": {"fused": {"neighbors": 5, "fusion": "tokens"},
                     "recipe": {"noise_cos": 0.6, "retrieval_noise_cos": 0.6, "exclude_cos": 0.97}},
+    "fused-x90": {"fused": {"neighbors": 5, "fusion": "tokens"},
+                  "recipe": {"noise_cos": 0.8, "retrieval_noise_cos": 0.8, "exclude_cos": 0.90}},
     "fused-entity": {"fused": {"neighbors": 5, "fusion": "tokens"},
                      "recipe": {"noise_cos": 0.8, "retrieval_noise_cos": 0.8, "exclude_cos": 0.97,
                                 "entity_min_count": 3}},
@@ -65,7 +67,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 PLAIN = [("pd", {"strategy": "pd"}), ("nnd", {"strategy": "nnd"}), ("ms", {"strategy": "ms"}),
          ("rerank", {"strategy": "rerank"})]
 FUSED = [("fused q=ms", {"strategy": "fused", "query": "ms"}), ("fused q=vd", {"strategy": "fused", "query": "vd"}),
-         ("fused q=pd", {"strategy": "fused", "query": "pd"}), ("rerank", {"strategy": "rerank"}),
+         ("fused q=pd", {"strategy": "fused", "query": "pd"}),
+         ("fused l=3", {"strategy": "fused", "neighbours": 3}),
+         ("rerank", {"strategy": "rerank"}),
          ("rerank ms,vd", {"strategy": "rerank", "candidates": ("ms", "vd")}),
          ("rerank ms,vd,pd", {"strategy": "rerank", "candidates": ("ms", "vd", "pd")})]
 
