@@ -59,6 +59,7 @@ def test_a_worker_killed_mid_ingest_loses_nothing(corpus: Path, tiny_encoder_spe
     assert len(texts) == len(set(texts)) == 360
 
 
+@pytest.mark.heavy  # a temporary Prefect server and a Dask cluster: two minutes on 2 cores
 def test_prefect_flow_embeds_through_the_dask_task_runner(corpus: Path, tiny_encoder_spec: str) -> None:
     out = CliRunner().invoke(main, ["ingest", str(corpus), "--memory", "flowed", "--encoder", tiny_encoder_spec,
                                     "--chunk-size", "90", "--workers", "2", "--prefect", "on", "--json"])

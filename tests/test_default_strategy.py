@@ -149,6 +149,7 @@ def test_prefix_noise_given_as_a_cosine_lands_at_that_cosine_whatever_the_width(
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # three trainings
 def test_the_domain_gate_promotes_the_decoder_that_captions_world_images_better(decapflow_home: Path,
                                                                                 tmp_path: Path) -> None:
     """A world bank with only unlabelled images recorded (no annotations): the challenger that names the world

@@ -32,6 +32,7 @@ def prefect(tmp_path: Path, decapflow_home: Path) -> Iterator[Prefect]:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # deploy --all and a worker run; the event-driven retrain test below deploys and runs too
 def test_deploy_all_and_run_ingest_through_a_worker(prefect: Prefect) -> None:
     for pool in ("cpu", "gpu"):
         prefect.run("work-pool", "create", pool, "--type", "process")

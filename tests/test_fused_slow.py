@@ -14,7 +14,7 @@ import pytest
 
 from decapflow.caption.captioner import Captioner, Options
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]  # two trainings
 
 
 def test_a_fused_decoder_reads_the_attributes_off_its_neighbours(decapflow_home: Path, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ print(result["decoder"])
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # a Prefect server, a training and Chromium
 def test_the_ui_shows_the_loss_curve_and_the_training_table(trained_home: Path, tmp_path: Path) -> None:
     home = tmp_path / "home"
     shutil.copytree(trained_home, home)
