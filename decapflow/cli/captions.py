@@ -21,9 +21,10 @@ from decapflow.cli.base import THREADS_HELP, echo_json, json_option, main, store
                    "BANK@TAG the version a tag pins (decapflow memory tag), BANK@vN version N.")
 @click.option("--strategy", type=click.Choice(["auto", *STRATEGIES]), default="auto",
               show_default=True,
-              help="auto: fused when the bank's decoder is retrieval-fused ('train --fused'), else rerank when the "
-                   "bank has a recorded mean image embedding (or with --image-mean batch), else topk on banks of 100k "
-                   "rows or more, else pd (stderr says which ran). fused: the decoder reads the image's nearest bank "
+              help="auto: rerank when the bank has a recorded mean image embedding (or with --image-mean batch; "
+                   "with a retrieval-fused decoder, 'train --fused', of its queries ms and vd), else fused when the "
+                   "decoder is retrieval-fused, else topk on banks of 100k rows or more, else pd (stderr says which "
+                   "ran). fused: the decoder reads the image's nearest bank "
                    "rows beside its query token. pd: projection onto the whole bank (DeCap), exact; topk: projection "
                    "onto the k nearest rows, "
                    "exact below 200k rows, APPROXIMATE above (neighbours from the bank's IVF index, built on first use "

@@ -73,16 +73,21 @@ def run_strategies(base: Captioner, annotations: Path, images_dir: Path, strateg
     start = time.perf_counter()
     references, ids, vectors, failures = embed_annotated_images(base, annotations, images_dir, split, limit)
     embed_seconds = time.perf_counter() - start
-    runs: dict[str, StrategyRun] = {}
-    for strategy in strategies:
-        captioner = base.with_options(replace(base.options, strategy=strategy))  # same bank copy and image mean
-        t0 = time.perf_counter()
-        captions = captioner.caption_embeddings(vectors)
-        seconds = time.perf_counter() - t0
-        by_id = dict(zip(ids, captions, strict=True))
-        scores = score_captions(references, {i: c.caption for i, c in by_id.items()}, metrics=metrics)
-        runs[strategy] = StrategyRun(strategy, by_id, scores, seconds)
+    runs = {strategy: run_strategy(base, strategy, references, ids, vectors, metrics) for strategy in strategies}
     return Experiment(references, runs, ids, failures, embed_seconds, vectors)
+
+
+def run_strategy(base: Captioner, strategy: str, references: dict[int, list[str]], ids: list[int],
+                 vectors: np.ndarray, metrics: Sequence[str] | None = None, name: str | None = None) -> StrategyRun:
+    """Caption embedded images ``vectors`` (of ``ids``) with ``strategy`` (same bank copy, image mean and decoder as
+    ``base``), timed, and score them; the run is called ``name`` (default: the strategy)."""
+    captioner = base.with_options(replace(base.options, strategy=strategy))
+    t0 = time.perf_counter()
+    captions = captioner.caption_embeddings(vectors)
+    seconds = time.perf_counter() - t0
+    by_id = dict(zip(ids, captions, strict=True))
+    scores = score_captions(references, {i: c.caption for i, c in by_id.items()}, metrics=metrics)
+    return StrategyRun(name or strategy, by_id, scores, seconds)
 
 
 def summary_rows(experiment: Experiment, extra: dict[str, dict[str, float]] | None = None

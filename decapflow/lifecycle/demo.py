@@ -205,11 +205,8 @@ def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> Demo
 def _with_fused(experiment: Any, base: Any, bank: str, settings: DemoSettings, folder: Path,
                 metrics: Any, timings: dict[str, float], log: Callable[[str], None]) -> Any:
     """The experiment plus a fused decoder's rows (``fused``, ``rerank+fused``) on the same image embeddings."""
-    from dataclasses import replace
-
     from decapflow.caption.captioner import Captioner, Options
-    from decapflow.evaluation.evaluate import score_captions
-    from decapflow.evaluation.experiment import StrategyRun
+    from decapflow.evaluation.experiment import run_strategy
 
     t0 = time.perf_counter()
     fused_id = _decoder_for(bank, settings, log, fused=True)
@@ -218,13 +215,8 @@ def _with_fused(experiment: Any, base: Any, bank: str, settings: DemoSettings, f
     captioner = Captioner.for_bank(bank, Options(), decoder=fused_id)
     captioner.image_mean = base.image_mean
     for name, strategy in (("fused", "fused"), ("rerank+fused", "rerank")):
-        run = captioner.with_options(replace(captioner.options, strategy=strategy))
-        start = time.perf_counter()
-        captions = run.caption_embeddings(experiment.vectors)
-        seconds = time.perf_counter() - start
-        by_id = dict(zip(experiment.image_ids, captions, strict=True))
-        scores = score_captions(experiment.references, {i: c.caption for i, c in by_id.items()}, metrics=metrics)
-        experiment.runs[name] = StrategyRun(name, by_id, scores, seconds)
+        experiment.runs[name] = run_strategy(captioner, strategy, experiment.references, experiment.image_ids,
+                                             experiment.vectors, metrics, name=name)
     timings["caption_fused_s"] = time.perf_counter() - t0
     return experiment
 
